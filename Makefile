@@ -1,0 +1,28 @@
+# Two front-door commands: `make demo` and `make test`. Both create (or reuse) .venv
+# and install torch==2.13.0 there only if torch is not importable: never an unpinned torch.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_PIN := torch==2.13.0
+
+.PHONY: setup demo test test-fast lint docs-check clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+setup: $(BIN)/python
+	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_PIN)"
+	$(BIN)/pip install -q -e ".[test,e3nn,plot,progress]"
+
+demo: setup
+	$(BIN)/python examples/demo.py
+
+test: setup
+	HYPOTHESIS_PROFILE=ci $(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
+
+lint: setup
+	$(BIN)/pip install -q ruff==0.8.4
+	$(BIN)/ruff check recm_opt
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

@@ -1,0 +1,162 @@
+"""The ``relaxed`` decorator: marks a module as a relaxed-equivariant RECM layer.
+
+A tagged layer defines two methods and the decorator supplies ``forward``::
+
+    equivariant(*inputs)          -> the exactly equivariant term f_eq
+    unconstrained(term, *inputs)  -> the unconstrained term f_un_i named ``term``
+
+and computes ``f(z) = beta * f_eq(z) + sum_i alpha_i * f_un_i(z)``. With no
+optimizer attached it returns ``f_eq(z)`` (alpha = 0, beta = 1). In eval mode it
+uses the committed alpha and beta and skips pruned terms, exactly as
+:func:`recm_opt.export` bakes them.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from torch import Tensor, nn
+
+from .reps import Representation
+
+__all__ = ["Relaxation", "get_relaxation", "is_relaxed", "relaxed"]
+
+_TAG = "_recm_relaxation"
+_MODULATION = "recm_modulation"
+_BAKED = "_recm_baked"
+
+M = TypeVar("M", bound="type[nn.Module] | nn.Module")
+
+
+@dataclass(frozen=True)
+class Relaxation:
+    """What the ``relaxed`` decorator records about a layer.
+
+    Attributes:
+        inputs: representation of each tensor argument of ``equivariant``, by name.
+        terms: for each unconstrained term, the attribute names of the parameters
+            or submodules it owns (projected to the weight radius, removed on export).
+    """
+
+    inputs: Mapping[str, Representation]
+    terms: Mapping[str, tuple[str, ...]]
+
+    @property
+    def term_names(self) -> tuple[str, ...]:
+        """The K term names, in declaration order."""
+        return tuple(self.terms)
+
+
+def _normalise_inputs(target: Any, inputs: Any) -> dict[str, Representation]:
+    params = [p for p in inspect.signature(target.equivariant).parameters.values() if p.name != "self"]
+    if isinstance(inputs, Representation):
+        inputs = {params[0].name: inputs} if params else {}
+    if not isinstance(inputs, Mapping):
+        raise TypeError(f"inputs must be a Representation or a mapping name -> Representation, got {inputs!r}")
+    names = {p.name for p in params}
+    for name, rep in inputs.items():
+        if name not in names:
+            raise ValueError(f"inputs names {name!r}, which is not an argument of equivariant{tuple(sorted(names))}")
+        if not isinstance(rep, Representation):
+            raise TypeError(f"inputs[{name!r}] must be a Representation, got {rep!r}")
+    if not inputs:
+        raise ValueError("inputs must declare at least one input representation")
+    return dict(inputs)
+
+
+def _normalise_terms(terms: Any) -> dict[str, tuple[str, ...]]:
+    if isinstance(terms, Mapping):
+        out = {str(k): (v,) if isinstance(v, str) else tuple(v) for k, v in terms.items()}
+    elif isinstance(terms, Sequence) and not isinstance(terms, str):
+        out = {str(k): () for k in terms}
+    else:
+        raise TypeError(f"terms must be a mapping term -> attribute name(s) or a sequence of names, got {terms!r}")
+    if not out:
+        raise ValueError("terms must name at least one unconstrained term")
+    return out
+
+
+def relaxed(target: M | None = None, *, inputs: Any, terms: Any = ("weight",)) -> Any:
+    """Tag a module class or instance as a relaxed-equivariant layer.
+
+    Args:
+        target: an ``nn.Module`` subclass or instance; omit to use as a decorator factory.
+        inputs: a :class:`~recm_opt.reps.Representation` for the first argument of
+            ``equivariant``, or a mapping ``argument name -> Representation``.
+            Arguments without a representation (and non-tensors) are ignored.
+        terms: the unconstrained terms, as ``{name: attribute or (attributes, ...)}``
+            naming the parameters/submodules each term owns, or just a list of names.
+
+    Returns:
+        The same class (or instance), tagged, with ``forward`` supplied.
+
+    Raises:
+        TypeError: if ``target`` is not an ``nn.Module`` class or instance, or lacks
+            ``equivariant``/``unconstrained`` methods.
+
+    Example:
+        >>> import torch
+        >>> from recm_opt.reps import Vector
+        >>> @relaxed(inputs=Vector("b xyz"), terms={"weight": "un"})
+        ... class Scale(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.un = nn.Linear(3, 3)
+        ...     def equivariant(self, z):
+        ...         return 2 * z
+        ...     def unconstrained(self, term, z):
+        ...         return self.un(z)
+        >>> Scale()(torch.ones(1, 3))   # no optimizer attached: the equivariant part
+        tensor([[2., 2., 2.]])
+    """
+    if target is None:
+        return lambda t: relaxed(t, inputs=inputs, terms=terms)
+    is_class = isinstance(target, type)
+    if not (issubclass(target, nn.Module) if is_class else isinstance(target, nn.Module)):
+        raise TypeError(f"relaxed needs an nn.Module subclass or instance, got {target!r}")
+    for method in ("equivariant", "unconstrained"):
+        if not callable(getattr(target, method, None)):
+            raise TypeError(f"{target!r} must define {method}(...) to be tagged as relaxed")
+    tag = Relaxation(_normalise_inputs(target, inputs), _normalise_terms(terms))
+    if is_class:
+        setattr(target, _TAG, tag)
+        target.forward = _relaxed_forward  # type: ignore[method-assign]
+    else:
+        object.__setattr__(target, _TAG, tag)
+        object.__setattr__(target, "forward", _relaxed_forward.__get__(target))
+    return target
+
+
+def is_relaxed(module: nn.Module) -> bool:
+    """Return whether ``module`` (class or instance) carries a ``relaxed`` tag."""
+    return get_relaxation(module) is not None
+
+
+def get_relaxation(module: nn.Module) -> Relaxation | None:
+    """Return the :class:`Relaxation` recorded on ``module``, or ``None`` if it is not tagged."""
+    tag = getattr(module, _TAG, None)
+    return tag if isinstance(tag, Relaxation) else None
+
+
+def _relaxed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Tensor:
+    """``beta * f_eq + sum_i alpha_i f_un_i`` over the live terms (see module docstring)."""
+    out = self.equivariant(*args, **kwargs)  # type: ignore[operator]
+    baked = getattr(self, _BAKED, None)
+    if baked is not None:  # an exported layer: constants, pruned terms removed
+        alpha, beta, names = self.recm_alpha, self.recm_beta, baked
+        live = (True,) * len(names)
+    else:
+        mod = self._modules.get(_MODULATION)
+        if mod is None:  # no optimizer attached: the equivariant part alone
+            return out
+        alpha, beta = mod.coefficients(with_grad=self.training)
+        names = mod.terms
+        live = (True,) * len(names) if self.training and mod.train_all_live else mod.live
+    out = beta * out
+    for i, (name, on) in enumerate(zip(names, live)):
+        if on:
+            out = out + alpha[i] * self.unconstrained(name, *args, **kwargs)  # type: ignore[operator]
+    return out
