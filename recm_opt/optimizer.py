@@ -198,7 +198,7 @@ class RECMOptimizer(Optimizer):
             missing = [n for n, p in module.named_parameters() if id(p) not in inner_params]
             if missing:
                 raise ValueError(f"layer {name!r}: parameters {missing} are not in the inner optimizer")
-            mod = Modulation(tag.term_names, state_dim, hidden, seed + 7919 * len(layers), beta_fn)
+            mod = self._make_modulation(tag.term_names, state_dim, hidden, seed + 7919 * len(layers), beta_fn)
             ref = next(iter(module.parameters()), None)
             if ref is not None:
                 mod.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
@@ -207,6 +207,11 @@ class RECMOptimizer(Optimizer):
             module.add_module(_MODULATION, mod)
             layers.append(_Layer(name, module, mod))
         return layers
+
+    def _make_modulation(self, terms: tuple[str, ...], state_dim: int, hidden: int, seed: int,
+                         beta_fn: Callable[[Tensor], Tensor]) -> Modulation:
+        """Create one layer's modulation; relaxation policies (:mod:`recm_opt.policies`) override it."""
+        return Modulation(terms, state_dim, hidden, seed, beta_fn)
 
     def _register_hook(self, layer: _Layer) -> Any:
         opt_ref, layer_ref = weakref.ref(self), weakref.ref(layer.module)
