@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -92,7 +92,8 @@ def knn_mean_offset(points: Tensor, k: int) -> Tensor:
     """
     dist = torch.cdist(points, points)
     idx = dist.topk(k, dim=-1, largest=False).indices  # (B, N, k)
-    nbrs = torch.gather(points.unsqueeze(1).expand(-1, points.shape[1], -1, -1), 2, idx.unsqueeze(-1).expand(-1, -1, -1, 3))
+    batch = torch.arange(points.shape[0], device=points.device)[:, None, None]
+    nbrs = points[batch, idx]  # (B, N, k, 3)
     return points - nbrs.mean(dim=2)
 
 
@@ -159,7 +160,7 @@ class VNPointNet(nn.Module):
     def __init__(
         self,
         n_classes: int,
-        channels: tuple[int, ...] = (32, 64, 128),
+        channels: tuple[int, ...] = (16, 32, 64),
         k_neighbors: int = 16,
         negative_slope: float = 0.2,
         hidden: int = 128,
@@ -227,15 +228,29 @@ def evaluate(model: nn.Module, data: Data, batch_size: int = 128) -> dict[str, f
     """
     points, labels = data
     model.eval()
-    preds = torch.cat([model(points[i : i + batch_size]).argmax(dim=1) for i in range(0, len(points), batch_size)])
+    chunks = range(0, len(points), batch_size)
+    preds = torch.cat([model(points[i : i + batch_size]).argmax(dim=1) for i in chunks])
     correct = (preds == labels).double()
     classes = labels.unique()
     per_class = [correct[labels == k].mean().item() for k in classes]
-    return {"instance_acc": correct.mean().item(), "class_acc": sum(per_class) / len(per_class), "per_class_acc": per_class}
+    return {
+        "instance_acc": correct.mean().item(),
+        "class_acc": sum(per_class) / len(per_class),
+        "per_class_acc": per_class,
+    }
 
 
-def _train_epoch(model: nn.Module, data: Data, optimizer: torch.optim.Optimizer, batch_size: int,
-                 gen: torch.Generator, on_step: Callable[[torch.optim.Optimizer, Tensor], None] | None) -> float:
+StepHook = Callable[[torch.optim.Optimizer, Tensor], None]
+
+
+def _train_epoch(
+    model: nn.Module,
+    data: Data,
+    optimizer: torch.optim.Optimizer,
+    batch_size: int,
+    gen: torch.Generator,
+    on_step: StepHook | None,
+) -> float:
     """Run one shuffled epoch and return the mean training loss."""
     points, labels = data
     model.train()
@@ -262,7 +277,7 @@ def train_classifier(
     batch_size: int = 32,
     seed: int = 0,
     make_optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None = None,
-    on_step: Callable[[torch.optim.Optimizer, Tensor], None] | None = None,
+    on_step: StepHook | None = None,
 ) -> dict[str, float | list[float]]:
     """Train ``model`` with cross-entropy and report test accuracy.
 
@@ -282,7 +297,10 @@ def train_classifier(
         Dict with "instance_acc", "class_acc", "per_class_acc" (test),
         "train_loss" (per epoch) and "epoch_seconds" (per epoch).
     """
-    optimizer = make_optimizer(model) if make_optimizer is not None else torch.optim.Adam(model.parameters(), lr=lr)
+    if make_optimizer is not None:
+        optimizer = make_optimizer(model)
+    else:
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     losses, seconds = [], []
     for _ in range(epochs):

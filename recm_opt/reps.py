@@ -210,7 +210,9 @@ class Irreps(Representation):
 
     kind: Kind = "vector"
 
-    def __init__(self, irreps: Any, pattern: str = "b ... irreps", axis: str = "irreps", units: str | None = None) -> None:
+    def __init__(
+        self, irreps: Any, pattern: str = "b ... irreps", axis: str = "irreps", units: str | None = None
+    ) -> None:
         try:
             from e3nn import o3
         except ImportError as err:  # pragma: no cover - depends on the environment
@@ -246,7 +248,9 @@ class Custom(Representation):
         torch.Size([1, 2, 4])
     """
 
-    def __init__(self, fn: Callable[[Tensor, Tensor], Tensor], pattern: str = "b ...", units: str | None = None) -> None:
+    def __init__(
+        self, fn: Callable[[Tensor, Tensor], Tensor], pattern: str = "b ...", units: str | None = None
+    ) -> None:
         if not callable(fn):
             raise TypeError(f"fn must be callable, got {fn!r}")
         self.fn = fn
