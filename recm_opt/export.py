@@ -43,7 +43,9 @@ def layer_row(name: str, module: nn.Module, skipped: int = 0) -> dict[str, Any]:
 
     Keys: ``name``, ``alpha`` (term -> value), ``beta``, ``h_norm``, ``t``, ``kept``,
     ``pruned``, ``skipped``, ``params_before`` (the layer with every term),
-    ``params_after`` (after export) and ``params_equivariant`` (no terms).
+    ``params_after`` (after export) and ``params_equivariant`` (no terms); once the
+    layer has seen a batch also ``lipschitz``, ``gap_w1`` and ``alpha_bound`` (see
+    :mod:`recm_opt.diagnostics`).
     """
     tag = get_relaxation(module)
     if tag is None:
@@ -67,7 +69,29 @@ def layer_row(name: str, module: nn.Module, skipped: int = 0) -> dict[str, Any]:
         "params_before": _count(module, mod_ids),
         "params_after": _count(module, mod_ids | pruned_ids),
         "params_equivariant": _count(module, mod_ids | all_terms),
+        **(_symmetry_keys(mod) if mod is not None else {}),
     }
+
+
+def _symmetry_keys(mod: nn.Module) -> dict[str, float]:
+    """``lipschitz`` (B), ``gap_w1`` (W1 of the newest sample to its C_G-average) and ``alpha_bound``.
+
+    Present once the layer has a captured sample and scipy is installed. The gap is
+    cached per sample, because the exact W1 is an assignment problem.
+    """
+    newest = getattr(mod, "newest", None)
+    if newest is None:
+        return {}
+    from .diagnostics import alpha_bound, lipschitz_bound, symmetry_gap
+
+    cached = getattr(mod, "_recm_gap", None)
+    try:
+        gap = cached[1] if cached is not None and cached[0] is newest else symmetry_gap(mod)
+        B = lipschitz_bound(mod)
+    except (ImportError, RuntimeError):  # scipy is optional; a policy's modulation has no r_theta
+        return {}
+    object.__setattr__(mod, "_recm_gap", (newest, gap))
+    return {"lipschitz": B, "gap_w1": gap, "alpha_bound": alpha_bound(B, gap, mod.get_buffer("h").numel())}
 
 
 def parameter_overhead(rows: list[dict[str, Any]], model: nn.Module | None = None) -> float:
@@ -92,12 +116,16 @@ def format_report(rows: list[dict[str, Any]]) -> str:
         >>> print(format_report([]).splitlines()[0].split())
         ['layer', 'alpha', 'beta', '|h|', 'kept', 'pruned', 'params']
     """
-    lines = [f"{'layer':<20} {'alpha':<40} {'beta':>7} {'|h|':>9} {'kept':<18} {'pruned':<18} {'params':>13}"]
+    gaps = any("gap_w1" in r for r in rows)  # symmetry gap and alpha bound, when measured
+    lines = [f"{'layer':<20} {'alpha':<40} {'beta':>7} {'|h|':>9} {'kept':<18} {'pruned':<18} {'params':>13}"
+             + (f" {'W1':>9} {'bound':>9}" if gaps else "")]
     for r in rows:
         alpha = " ".join(f"{k}={v:+.4f}" for k, v in r["alpha"].items())
+        gap = f" {r['gap_w1']:9.2e} {r['alpha_bound']:9.2e}" if "gap_w1" in r else f" {'-':>9} {'-':>9}"
         lines.append(
             f"{r['name']:<20} {alpha:<40} {r['beta']:7.4f} {r['h_norm']:9.2e} {','.join(r['kept']) or '-':<18} "
             f"{','.join(r['pruned']) or '-':<18} {r['params_before']:>6}->{r['params_after']:<6}"
+            + (gap if gaps else "")
         )
     return "\n".join(lines)
 

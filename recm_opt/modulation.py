@@ -24,6 +24,12 @@ from torch import Tensor, nn
 
 __all__ = ["GELU_LIPSCHITZ", "Modulation", "gamma", "one_plus_tanh", "project_norm_"]
 
+# Fast paths (``_foreach_*``, ``_stacked_*``) batch the per-layer maths across
+# layers; each has a per-layer reference (``project_norm_``, ``Modulation.commit``,
+# ``Modulation.coefficients``, ``r_theta``) that tests/test_fast_path.py checks it
+# against in float64. On a GPU they turn O(layers) small kernels and host syncs
+# into O(1), which is what RECM's step costs there.
+
 # max_x |d/dx GELU(x)| = max_x Phi(x) + x phi(x), attained at x = sqrt(2) (1.12890...); rounded up.
 GELU_LIPSCHITZ = 1.129
 
@@ -43,6 +49,14 @@ def one_plus_tanh(x: Tensor) -> Tensor:
     return 1 + torch.tanh(x)
 
 
+def _inside(radius: float, n: Tensor) -> float:
+    # Aim a few ulps inside the ball: scaled to exactly ``radius``, the recomputed norm
+    # lands one ulp above it about one time in ten, and a second projection would then
+    # move the tensor again. Projected points must be fixed points (a step that moves
+    # nothing must change nothing), so they are placed where rounding cannot push them out.
+    return radius * (1 - 8 * torch.finfo(n.dtype).eps) if n.dtype in (torch.float32, torch.float64) else radius
+
+
 @torch.no_grad()
 def project_norm_(tensors: Sequence[Tensor], radius: float, dim: int | None = None) -> None:
     """Project each tensor in place onto the ball ``norm <= radius`` (Euclidean / Frobenius).
@@ -55,10 +69,79 @@ def project_norm_(tensors: Sequence[Tensor], radius: float, dim: int | None = No
         tensor([0.6000, 0.8000])
     """
     for x in tensors:
+        # An inf entry times the 0-scale below would be NaN; as the largest finite value it
+        # gives an overflowing (inf) norm like any other too-large tensor, which is reset to 0.
+        x.clamp_(-torch.finfo(x.dtype).max, torch.finfo(x.dtype).max)
         n = x.norm() if dim is None else x.norm(dim=dim, keepdim=True)
         # where() rather than clamp on the scale so that an inf norm yields a finite 0-scale
-        scale = torch.where(n > radius, radius / n, torch.ones_like(n))
+        scale = torch.where(n > radius, _inside(radius, n) / n, torch.ones_like(n))
         x.mul_(torch.nan_to_num(scale, nan=0.0))
+
+
+@torch.no_grad()
+def _foreach_project_norm_(tensors: Sequence[Tensor], radius: float, rows: bool = False) -> None:
+    """Batched :func:`project_norm_`: the same projections with a fixed number of kernels.
+
+    Whole-tensor norms (``rows=False``) use one ``_foreach_norm``; row norms
+    (``rows=True``, 2-D tensors of equal width, i.e. ``project_norm_(..., dim=1)``)
+    are taken on the concatenated rows. Tensors are grouped by dtype and device
+    (and width), so any mix is accepted.
+    """
+    groups: dict[tuple, list[Tensor]] = {}
+    for x in tensors:
+        key = (x.dtype, x.device, x.shape[-1] if rows else None)
+        groups.setdefault(key, []).append(x)
+    for xs in groups.values():
+        top = torch.finfo(xs[0].dtype).max  # inf entries -> largest finite: 0-scaled to 0, not NaN
+        torch._foreach_clamp_min_(xs, -top)
+        torch._foreach_clamp_max_(xs, top)
+        if rows:
+            n = torch.cat(list(xs)).norm(dim=1, keepdim=True)
+        else:
+            n = torch.stack(torch._foreach_norm(xs))
+        scale = torch.nan_to_num(torch.where(n > radius, _inside(radius, n) / n, torch.ones_like(n)), nan=0.0)
+        parts = scale.split([x.shape[0] for x in xs]) if rows else scale.unbind()
+        torch._foreach_mul_(xs, list(parts))
+
+
+class _Precomputed:
+    """A layer's training-forward ``(alpha, beta)``, built with their graph at step time.
+
+    Valid while nothing they depend on has changed (version counters and storage of
+    ``h``, ``gamma_t``, ``w_alpha``, ``w_beta`` and ``r_theta``; identity of ``newest``)
+    and no backward has run through their graph (the graph is then freed). Otherwise,
+    and inside backward (checkpoint recomputation), under ``torch.compile`` or without
+    grad, the forward computes them per layer. Deep copies and pickles drop it: a
+    graph cannot be copied (``AveragedModel`` deep-copies the model).
+    """
+
+    __slots__ = ("graph", "newest", "token", "value")
+
+    def __init__(self, value: tuple[Tensor, Tensor] | None = None, newest: Tensor | None = None,
+                 tensors: Sequence[Tensor] = (), graph: dict[str, bool] | None = None) -> None:
+        self.value, self.newest, self.graph = value, newest, graph
+        self.token = tuple((t, t._version, t.data_ptr()) for t in tensors)
+
+    def get(self, mod: Modulation) -> tuple[Tensor, Tensor] | None:
+        """The stored ``(alpha, beta)`` if still valid for ``mod``'s next training forward."""
+        if self.value is None or self.graph is None or not self.graph["live"] or mod.newest is not self.newest:
+            return None
+        if not torch.is_grad_enabled() or _in_backward() or torch.compiler.is_compiling():
+            return None
+        if any(t._version != v or t.data_ptr() != ptr for t, v, ptr in self.token):
+            return None
+        return self.value
+
+    def __deepcopy__(self, memo: dict) -> _Precomputed:
+        return _Precomputed()
+
+    def __reduce__(self) -> tuple:
+        return (_Precomputed, ())
+
+
+def _in_backward() -> bool:
+    fn = getattr(torch._C, "_current_graph_task_id", None)
+    return fn is not None and fn() != -1
 
 
 class _SeededLazyLinear(nn.LazyLinear):
@@ -125,6 +208,7 @@ class Modulation(nn.Module):
         self.newest: Tensor | None = None
         self.live: tuple[bool, ...] = (False,) * len(self.terms)
         self.train_all_live = True
+        self._precomputed = _Precomputed()
 
     def l_theta(self, sample: Tensor) -> Tensor:
         """Return ``l_theta`` for a stacked sample ``(1 + k, S, d)``: identity copy first.
@@ -142,7 +226,16 @@ class Modulation(nn.Module):
         return self.h + self.gamma_t * (l - l.detach())
 
     def coefficients(self, with_grad: bool = False) -> tuple[Tensor, Tensor]:
-        """Return ``(alpha, beta)``: ``alpha = GELU(w_alpha h)`` (K,) and ``beta = k(w_beta . h)``."""
+        """Return ``(alpha, beta)``: ``alpha = GELU(w_alpha h)`` (K,) and ``beta = k(w_beta . h)``.
+
+        With ``with_grad``, the optimizer's step may already have built them, with their
+        graph, for every layer at once (:func:`_stacked_coefficients`); they are used while
+        still valid, and computed here otherwise. Both give the same values and gradients.
+        """
+        if with_grad:
+            pre = self._precomputed.get(self)
+            if pre is not None:
+                return pre
         h = self.state_value(with_grad)
         alpha = nn.functional.gelu(self.w_alpha @ h)
         beta = self.beta_fn(self.w_beta @ h)
@@ -168,3 +261,96 @@ class Modulation(nn.Module):
 
     def extra_repr(self) -> str:
         return f"terms={self.terms}, state_dim={self.h.numel()}"
+
+
+# --------------------------------------------------------------------------- fast paths
+def is_standard(mod: Modulation) -> bool:
+    """Return whether ``mod`` computes exactly the maths of :class:`Modulation` (batchable).
+
+    Subclasses that override ``l_theta``, ``coefficients``, ``state_value`` or ``commit``,
+    or an ``r_theta`` that is not ``Linear -> GELU -> Linear``, take the per-layer path.
+    """
+    r = getattr(mod, "r_theta", None)
+    return (
+        all(getattr(type(mod), f) is getattr(Modulation, f) for f in ("l_theta", "coefficients", "state_value", "commit"))
+        and isinstance(r, nn.Sequential) and len(r) == 3
+        and isinstance(r[0], nn.Linear) and type(r[1]) is nn.GELU and isinstance(r[2], nn.Linear)
+        and r[1].approximate == "none" and r[0].bias is not None and r[2].bias is not None
+        and not isinstance(r[0].weight, nn.parameter.UninitializedParameter)
+    )
+
+
+def _stacked_r_theta(mods: Sequence[Modulation], x: Tensor) -> Tensor:
+    """``r_theta`` of G standard modulations with equal shapes in one call: ``(G, R, d) -> (G, R, m)``."""
+    w1 = torch.stack([m.r_theta[0].weight for m in mods])
+    b1 = torch.stack([m.r_theta[0].bias for m in mods])
+    w2 = torch.stack([m.r_theta[2].weight for m in mods])
+    b2 = torch.stack([m.r_theta[2].bias for m in mods])
+    hidden = nn.functional.gelu(torch.baddbmm(b1.unsqueeze(1), x, w1.transpose(1, 2)))
+    return torch.baddbmm(b2.unsqueeze(1), hidden, w2.transpose(1, 2))
+
+
+@torch.no_grad()
+def _stacked_alpha(mods: Sequence[Modulation]) -> Tensor:
+    """``alpha`` of G standard modulations (same dtype, device and m), concatenated: ``(sum K,)``.
+
+    Same maths as ``coefficients()[0]`` (``GELU(w_alpha h)``) without the per-layer calls.
+    """
+    w = torch.cat([m.w_alpha for m in mods])  # (sum K, m)
+    h = torch.cat([m.h.expand(len(m.terms), -1) for m in mods])  # each layer's h once per term row
+    return nn.functional.gelu((w * h).sum(1))
+
+
+@torch.no_grad()
+def _foreach_commit(mods: Sequence[Modulation], ls: Tensor, a: float, b: float) -> Tensor:
+    """Batched :meth:`Modulation.commit` for G standard modulations (same dtype, device, m).
+
+    A layer whose ``l`` (row of ``ls``, ``(G, m)``) is not finite is left unchanged,
+    decided on the device so that no host sync is needed.
+
+    Returns:
+        The ``(G,)`` bool tensor of layers that committed.
+    """
+    h = torch.stack([m.h for m in mods])
+    ok = torch.isfinite(ls).all(1)
+    ls = ls.to(h.dtype)
+    t = torch.stack([m.t for m in mods]) + ok.long()
+    g = torch.where(ok, gamma(t.to(h.dtype), a, b), torch.stack([m.gamma_t for m in mods]))
+    new = torch.where(ok[:, None], h * (1 - g[:, None]) + g[:, None] * ls, h)
+    torch._foreach_copy_([m.h for m in mods], list(new.unbind()))
+    torch._foreach_copy_([m.t for m in mods], list(t.unbind()))
+    torch._foreach_copy_([m.gamma_t for m in mods], list(g.unbind()))
+    return ok
+
+
+# Set to False to make every training forward compute its coefficients per layer (the reference path).
+PRECOMPUTE = True
+
+
+def _stacked_coefficients(mods: Sequence[Modulation], r: Tensor) -> None:
+    """Build every layer's training-forward ``(alpha, beta)`` at once, with their graph.
+
+    ``r`` is ``r_theta`` of each layer's ``newest`` sample, ``(G, 1 + k, S, m)``, computed
+    with grad after the step's updates. The maths is :meth:`Modulation.coefficients` with
+    ``with_grad=True``, batched: ``h_t + gamma_t (l - stop_grad(l))``, ``GELU(w_alpha h)``
+    and ``k(w_beta . h)``. One graph serves all layers, so the next forward costs no
+    kernels for them, and its backward runs the modulation's gradient once for all layers.
+    """
+    if not PRECOMPUTE:
+        return
+    with torch.enable_grad():
+        l = r[:, 0].mean(1) - r[:, 1:].mean((1, 2))  # l_theta of each newest sample, (G, m)
+        h = torch.stack([m.h for m in mods]) + torch.stack([m.gamma_t for m in mods])[:, None] * (l - l.detach())
+        alpha = nn.functional.gelu(torch.bmm(torch.stack([m.w_alpha for m in mods]), h[..., None])[..., 0])
+        beta = mods[0].beta_fn((torch.stack([m.w_beta for m in mods]) * h).sum(-1))
+    graph = {"live": True}
+
+    def consumed(_: Tensor) -> None:  # a backward ran through the shared graph: it is freed now
+        graph["live"] = False
+
+    for out in (alpha, beta):
+        if out.requires_grad:
+            out.register_hook(consumed)
+    for mod, a, b in zip(mods, alpha.unbind(), beta.unbind()):
+        tensors = (mod.h, mod.gamma_t, mod.w_alpha, mod.w_beta, *mod.r_theta.parameters())
+        mod._precomputed = _Precomputed((a, b), mod.newest, tensors, graph)

@@ -6,33 +6,50 @@ weights within ``weight_radius``), then the ``h`` update of every tagged layer
 from the inputs captured since the last step and their targets.
 
 Captured statistics: every training-mode forward of a tagged layer (with autograd
-on, outside backward recomputation) records a random subsample of at most
-``max_units`` units of its inputs. ``observe(y)`` pairs the pending captures with
-the model's target. At ``step()`` the layer's ``l_theta`` is the unit-weighted
-mean over all captures since the last step, so k micro-batches of gradient
-accumulation give the ``l_theta`` of their union (exactly, when each has at most
-``max_units`` units). Under DDP, ``l_theta`` is averaged over ranks and the
-modulation parameters' gradients are all-reduced, so every rank holds the same h.
+on) records a random subsample of at most ``max_units`` units of its inputs. Eval
+forwards, ``torch.no_grad()`` forwards (``update_bn``), forwards of deep copies
+(``AveragedModel``) and activation-checkpoint recomputation are not captured; with
+reentrant checkpointing, whose first forward runs without autograd, the single
+recomputation in backward is captured instead. ``observe(y)`` pairs the pending
+captures with the model's target. At ``step()`` the layer's ``l_theta`` is the
+unit-weighted mean over all captures since the last step, so k micro-batches of
+gradient accumulation give the ``l_theta`` of their union (exactly, when each has
+at most ``max_units`` units). Captures follow their gradients: ``zero_grad()``
+discards the captures whose backward has already run, so a step that GradScaler
+skips leaves no statistics behind. Under DDP, ``l_theta`` is averaged over ranks
+and the modulation parameters' gradients are all-reduced, so every rank holds the
+same h.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from itertools import chain
 from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.utils.checkpoint
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .groups import Group, SO3Generators
-from .modulation import Modulation, one_plus_tanh, project_norm_
-from .reps import Invariant, Representation
-from .tagging import _MODULATION, get_relaxation
+from .modulation import (
+    Modulation,
+    _foreach_commit,
+    _foreach_project_norm_,
+    _stacked_alpha,
+    _stacked_coefficients,
+    _stacked_r_theta,
+    is_standard,
+    one_plus_tanh,
+)
+from .reps import Invariant, Irreps, Representation, Vector
+from .tagging import _MODULATION, Relaxation, get_relaxation
 
 __all__ = ["RECMOptimizer", "layer_name"]
 
@@ -56,6 +73,20 @@ def _in_backward() -> bool:
     return fn is not None and fn() != -1
 
 
+def _in_reentrant_recompute() -> bool:
+    # Reentrant checkpointing runs its first forward under no_grad and recomputes it
+    # once inside CheckpointFunction.backward: that recomputation is the only capture.
+    code = torch.utils.checkpoint.CheckpointFunction.backward.__code__
+    frame = sys._getframe(1)
+    for _ in range(64):  # the hook sits a few frames below the checkpoint's backward
+        if frame is None:
+            return False
+        if frame.f_code is code:
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _param_count(params: Iterator[nn.Parameter]) -> int:
     return sum(p.numel() for p in params if not isinstance(p, nn.parameter.UninitializedParameter))
 
@@ -70,13 +101,45 @@ class _Layer:
         self.tag = tag
         params = [p for p in __import__("inspect").signature(module.equivariant).parameters]
         self.positions = {n: params.index(n) for n in tag.inputs}
-        self.inputs: list[list[tuple[str, Representation, Tensor]]] = []  # awaiting a target
+        self.inputs: list[list[tuple[str, Representation, Tensor, dict[str, int]]]] = []  # unit views awaiting a target
         self.samples: list[tuple[Tensor, int]] = []  # (stacked sample, units it stands for)
         self.skipped = 0
         self.warned = False
+        # Backward passes through this layer so far, and the count at each pending
+        # capture: zero_grad() drops captures whose gradient it drops.
+        self.backwards = 0
+        self.input_epochs: list[int] = []
+        self.sample_epochs: list[int] = []
         self.term_params = {
             t: [p for a in attrs for p in _attr_params(module, a)] for t, attrs in tag.terms.items()
         }
+
+
+def _freeze_until_materialized(mod: nn.Module) -> None:
+    """Keep lazy (shape-less) parameters out of gradient work until their first batch.
+
+    ``r_theta``'s input width is known only at the first captured batch. Until then its
+    uninitialised parameters have ``requires_grad=False``, so DCP's zero-gradient
+    initialisation (``zeros_like`` on every trainable parameter) and optimizers skip
+    them. They thaw once materialised: by the first forward (a pre-hook that runs
+    right after the lazy module's own) or by loading a state dict.
+    """
+    for sub in mod.modules():
+        lazy = [p for p in sub.parameters(recurse=False) if isinstance(p, nn.parameter.UninitializedParameter)]
+        if not lazy:
+            continue
+        for p in lazy:
+            p.requires_grad = False
+        handles: list[Any] = []
+
+        def thaw(*_: Any, lazy: list[nn.Parameter] = lazy, handles: list[Any] = handles) -> None:
+            if not any(isinstance(p, nn.parameter.UninitializedParameter) for p in lazy):
+                for p in lazy:
+                    p.requires_grad = True
+                for handle in handles:
+                    handle.remove()
+
+        handles += [sub.register_forward_pre_hook(thaw), sub.register_load_state_dict_post_hook(thaw)]
 
 
 def _attr_params(module: nn.Module, attr: str) -> list[nn.Parameter]:
@@ -168,6 +231,7 @@ class RECMOptimizer(Optimizer):
         self.skipped_steps = 0
         self._generators = self.group.generators()
         self._rng = torch.Generator().manual_seed(seed)
+        self._group_checked: set[tuple[int, int]] = set()
         self._layers = self._attach(model, state_dim, hidden, seed, beta_fn, skip_pruned)
         if self._layers:
             mod_params = [p for layer in self._layers for p in layer.mod.parameters()]
@@ -181,13 +245,34 @@ class RECMOptimizer(Optimizer):
         self.param_groups = optimizer.param_groups
         self._shared = True
         self.state = optimizer.state  # read-only view for users; RECM state lives in the modulations
-        self._hooks = [self._register_hook(layer) for layer in self._layers]
+        self._hooks = [handle for layer in self._layers for handle in self._register_hooks(layer)]
+        self._project()  # feasible from t = 0, so a step that moves nothing projects nothing
 
     # ------------------------------------------------------------------ set-up
     def _attach(self, model: nn.Module, state_dim: int, hidden: int, seed: int,
                 beta_fn: Callable[[Tensor], Tensor], skip_pruned: bool) -> list[_Layer]:
-        inner_params = {id(p) for g in self.inner.param_groups for p in g["params"]}
         layers = []
+        for name, module, tag in self._find_layers(model):  # all checks first: a failure leaves the model as it was
+            mod = self._make_modulation(tag.term_names, state_dim, hidden, seed + 7919 * len(layers), beta_fn)
+            ref = next(iter(module.parameters()), None)
+            if ref is not None:
+                mod.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
+            mod.train_all_live = not skip_pruned
+            mod.prune_eps = self.prune_eps
+            _freeze_until_materialized(mod)
+            module.add_module(_MODULATION, mod)
+            layers.append(_Layer(name, module, mod))
+        return layers
+
+    def _make_modulation(self, terms: tuple[str, ...], state_dim: int, hidden: int, seed: int,
+                         beta_fn: Callable[[Tensor], Tensor]) -> Modulation:
+        """Create one layer's modulation; relaxation policies (:mod:`recm_opt.policies`) override it."""
+        return Modulation(terms, state_dim, hidden, seed, beta_fn)
+
+    def _find_layers(self, model: nn.Module) -> list[tuple[str, nn.Module, Relaxation]]:
+        """Return the tagged layers by stable name, after checking each one can be modulated."""
+        inner_params = {id(p) for g in self.inner.param_groups for p in g["params"]}
+        found = []
         for name, module in model.named_modules():
             tag = get_relaxation(module)
             if tag is None:
@@ -198,22 +283,32 @@ class RECMOptimizer(Optimizer):
             missing = [n for n, p in module.named_parameters() if id(p) not in inner_params]
             if missing:
                 raise ValueError(f"layer {name!r}: parameters {missing} are not in the inner optimizer")
-            mod = self._make_modulation(tag.term_names, state_dim, hidden, seed + 7919 * len(layers), beta_fn)
-            ref = next(iter(module.parameters()), None)
-            if ref is not None:
-                mod.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
-            mod.train_all_live = not skip_pruned
-            mod.prune_eps = self.prune_eps
-            module.add_module(_MODULATION, mod)
-            layers.append(_Layer(name, module, mod))
-        return layers
+            for attrs in tag.terms.values():
+                for attr in attrs:
+                    _attr_params(module, attr)
+            self._check_static_reps(name, tag.inputs)
+            found.append((name, module, tag))
+        if found and isinstance(self.target, Vector):
+            self._check_group(self.target, self.target.size, "target")
+        return found
 
-    def _make_modulation(self, terms: tuple[str, ...], state_dim: int, hidden: int, seed: int,
-                         beta_fn: Callable[[Tensor], Tensor]) -> Modulation:
-        """Create one layer's modulation; relaxation policies (:mod:`recm_opt.policies`) override it."""
-        return Modulation(terms, state_dim, hidden, seed, beta_fn)
+    def _check_static_reps(self, name: str, inputs: Mapping[str, Representation]) -> None:
+        """Fail at construction when a vector or irreps input cannot be acted on by the group."""
+        for arg, rep in inputs.items():
+            size = rep.size if isinstance(rep, Vector) else 3 if isinstance(rep, Irreps) else None
+            if size is not None:
+                self._check_group(rep, size, f"layer {name!r}, input {arg!r}")
 
-    def _register_hook(self, layer: _Layer) -> Any:
+    def _check_group(self, rep: Representation, size: int, where: str) -> None:
+        if rep.axis is None or (id(rep), size) in self._group_checked:
+            return
+        try:
+            rep.matrices(self.group, self._generators[:1], size)
+        except ValueError as err:
+            raise ValueError(f"{where}: {rep!r} does not match the group {self.group!r} ({err})") from err
+        self._group_checked.add((id(rep), size))
+
+    def _register_hooks(self, layer: _Layer) -> list[Any]:
         opt_ref, layer_ref = weakref.ref(self), weakref.ref(layer.module)
 
         @torch._dynamo.disable
@@ -222,11 +317,20 @@ class RECMOptimizer(Optimizer):
             # Deep copies (AveragedModel) keep this hook: only the original layer counts.
             if opt is None or module is not layer_ref() or not module.training:
                 return
-            if not torch.is_grad_enabled() or _in_backward():
+            if _in_backward():  # checkpoint recomputation: captured in forward unless reentrant
+                if not _in_reentrant_recompute():
+                    return
+            elif not torch.is_grad_enabled():  # update_bn, inference under no_grad
                 return
             opt._capture(layer, args, kwargs)
 
-        return layer.module.register_forward_pre_hook(capture, with_kwargs=True)
+        def backed(_: Tensor) -> None:
+            # w_beta is used by every training forward, so its gradient marks a backward
+            # through the layer: captures made before it belong to that gradient.
+            layer.backwards += 1
+
+        return [layer.module.register_forward_pre_hook(capture, with_kwargs=True),
+                layer.mod.w_beta.register_post_accumulate_grad_hook(backed)]
 
     # --------------------------------------------------------------- capturing
     def _capture(self, layer: _Layer, args: tuple, kwargs: dict) -> None:
@@ -235,11 +339,15 @@ class RECMOptimizer(Optimizer):
             pos = layer.positions[name]
             x = args[pos] if pos < len(args) else kwargs.get(name)
             if isinstance(x, Tensor):
-                found.append((name, rep, x.detach()))
-        for name, rep, x in found:  # validate now, so a bad shape fails in the user's forward
-            rep.unit_view(x, f"layer {layer.name!r}, input {name!r}")
+                # Validate now, so a bad shape fails in the user's forward; _sample reuses the unit view.
+                where = f"layer {layer.name!r}, input {name!r}"
+                v, units = rep.unit_view(x.detach(), where)
+                if rep.axis is not None:
+                    self._check_group(rep, v.shape[rep._axis_dim()], where)
+                found.append((name, rep, v, units))
         if found:
             layer.inputs.append(found)
+            layer.input_epochs.append(layer.backwards)
         if self.target is None:
             self._pair(layer, None)
 
@@ -255,47 +363,87 @@ class RECMOptimizer(Optimizer):
         """
         if not isinstance(target, Tensor):
             raise TypeError(f"target must be a Tensor, got {type(target).__name__}")
-        for layer in self._layers:
-            self._pair(layer, target)
+        self._pair_all(self._layers, target)  # one host sync for every layer's samples
 
     def _pair(self, layer: _Layer, target: Tensor | None) -> None:
-        for found in layer.inputs:
-            sample, units = self._sample(layer, found, target)
-            if not bool(torch.isfinite(sample).all()):
-                layer.skipped += 1  # a NaN/Inf batch never reaches h
-                continue
-            layer.samples.append((sample, units))
-        layer.inputs = []
+        self._pair_all([layer], target)
+
+    def _pair_all(self, layers: list[_Layer], target: Tensor | None) -> None:
+        new: list[tuple[_Layer, Tensor, int, int]] = []
+        self._target_cache = None
+        try:
+            for layer in layers:
+                for found, epoch in zip(layer.inputs, layer.input_epochs):
+                    sample, units = self._sample(layer, found, target)
+                    new.append((layer, sample, units, epoch))
+                layer.inputs, layer.input_epochs = [], []
+        finally:
+            self._target_cache = None
+            # One host sync for every new sample, not one per layer. The largest |value| is
+            # NaN/Inf exactly when the sample is not finite: such a batch never reaches h.
+            peaks = list(torch._foreach_norm([s for _, s, _, _ in new], ord=math.inf)) if new else []
+            finite = _host_flags([_isfinite_each(peaks)]) if peaks else []
+            for (layer, sample, units, epoch), ok in zip(new, finite):
+                if not ok:
+                    layer.skipped += 1
+                    continue
+                layer.samples.append((sample, units))
+                layer.sample_epochs.append(epoch)
+
+    def _target_view(self, target: Tensor, where: str) -> tuple[Tensor, dict[str, int]]:
+        # One target is paired with every layer: rearrange it once per observe().
+        if self._target_cache is None or self._target_cache[0] is not target:
+            assert self.target is not None
+            v, units = self.target.unit_view(target.detach(), where)
+            self._target_cache = (target, v, units)
+        return self._target_cache[1], self._target_cache[2]
 
     def _sample(self, layer: _Layer, found: list, target: Tensor | None) -> tuple[Tensor, int]:
         views, grid = [], {}
-        for name, rep, x in found:
-            v, units = rep.unit_view(x, f"layer {layer.name!r}, input {name!r}")
+        for name, rep, v, units in found:
             _merge_units(grid, units, f"layer {layer.name!r}, input {name!r}")
             views.append((rep, v, units))
         if target is not None:
             assert self.target is not None
             where = f"layer {layer.name!r}, target"
-            v, units = self.target.unit_view(target.detach(), where)
+            v, units = self._target_view(target, where)
+            if self.target.axis is not None:
+                self._check_group(self.target, v.shape[self.target._axis_dim()], where)
             if not set(units) <= set(grid) or any(grid[u] != n for u, n in units.items()):
                 raise ValueError(f"{where}: target units {units} (shape {tuple(target.shape)}) do not match "
                                  f"the layer's input units {grid}")
             views.append((self.target, v, units))
         total = math.prod(grid.values())
-        idx = torch.randperm(total, generator=self._rng)[: self.max_units] if total > self.max_units \
-            else torch.arange(total)
-        multi = dict(zip(grid, torch.unravel_index(idx, tuple(grid.values()))))
-        parts = [self._stack(rep, v, units, multi) for rep, v, units in views]
+        multi = None  # every unit kept: rows in row-major order, no gather index
+        if total > self.max_units:
+            idx = torch.randperm(total, generator=self._rng)[: self.max_units]
+            index = torch.stack(torch.unravel_index(idx, tuple(grid.values())))
+            multi = dict(zip(grid, _to_device(index, views[0][1].device).unbind()))  # one copy, no sync
+        parts = [self._stack(rep, v, units, grid, multi) for rep, v, units in views]
         return torch.cat(parts, -1), total
 
-    def _stack(self, rep: Representation, v: Tensor, units: dict[str, int], multi: dict[str, Tensor]) -> Tensor:
-        rows = v[tuple(multi[u].to(v.device) for u in units)]  # (S, *features)
+    def _stack(self, rep: Representation, v: Tensor, units: dict[str, int], grid: dict[str, int],
+               multi: dict[str, Tensor] | None) -> Tensor:
+        # (S, *features): the kept units, or every unit of the grid in row-major order
+        rows = _all_units(v, units, grid) if multi is None else v[tuple(multi[u] for u in units)]
         if not rows.is_floating_point():
             rows = rows.to(torch.get_default_dtype())
         rows = rows.reshape(len(rows), -1) if rows.dim() > 1 else rows[:, None]
         feat = rows.reshape(rows.shape[0], *v.shape[len(units):]) if v.dim() > len(units) else rows
-        moved = rep.act(self.group, self._generators, feat)  # (k, S, *features)
+        moved = self._act(rep, feat)  # (k, S, *features)
         return torch.cat([rows[None], moved.reshape(moved.shape[0], rows.shape[0], -1)])
+
+    def _act(self, rep: Representation, x: Tensor) -> Tensor:
+        """``rep.act`` over the generators; the default action's matrices are built and moved once."""
+        if type(rep).act is not Representation.act:  # Invariant, Custom, ...: their own action
+            return rep.act(self.group, self._generators, x)
+        d = rep._axis_dim()
+        key = (id(rep), x.shape[d], x.dtype, x.device)
+        cache = self.__dict__.setdefault("_matrices", {})
+        if key not in cache:  # keep rep alive with its matrices, so that id(rep) stays unique
+            cache[key] = (rep, rep.matrices(self.group, self._generators, x.shape[d]).to(dtype=x.dtype,
+                                                                                         device=x.device))
+        return torch.einsum("kij,...j->k...i", cache[key][1], x.movedim(d, -1)).movedim(-1, d)
 
     # -------------------------------------------------------------------- step
     @torch.no_grad()
@@ -316,15 +464,17 @@ class RECMOptimizer(Optimizer):
         if target is not None:
             self.observe(target)
         self._check_targets()
-        if self.skip_nonfinite and not self._grads_finite():
+        if self.skip_nonfinite and not self._grad_flags()[0]:
             self.skipped_steps += 1
             for layer in self._layers:
-                layer.samples = []
+                layer.samples, layer.sample_epochs = [], []
             return loss
         self._sync_grads()
         self.inner.step()
         self._project()
         self._update_states()
+        for layer in self._layers:  # whatever the update consumed is no longer pending
+            layer.sample_epochs = layer.sample_epochs[len(layer.sample_epochs) - len(layer.samples):]
         return loss
 
     def _check_targets(self) -> None:
@@ -335,19 +485,25 @@ class RECMOptimizer(Optimizer):
                 "opt.observe(y) after each forward, or build RECMOptimizer(target=None) for input-only l_theta"
             )
 
-    def _grads_finite(self) -> bool:
+    def _grad_flags(self) -> tuple[bool, bool]:
+        """Return (every gradient is finite, some gradient is non-zero) with one host sync."""
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         if not grads:
-            return True
-        norms = torch._foreach_norm(grads)
-        return bool(torch.isfinite(torch.stack([n.float().cpu() if n.device.type == "meta" else n.float()
-                                                for n in norms])).all())
+            return True, False
+        norms = [n.float() for n in torch._foreach_norm(grads)]
+        s = torch.stack([n.to(norms[0].device) for n in norms])
+        finite, nonzero = torch.stack([torch.isfinite(s).all(), (s != 0).any()]).tolist()
+        return bool(finite), bool(nonzero)
 
     def _project(self) -> None:
-        for layer in self._layers:
-            project_norm_([layer.mod.w_alpha], 1.0, dim=1)
-            project_norm_([layer.mod.w_beta], 1.0)
-            project_norm_([p for ps in layer.term_params.values() for p in ps], self.weight_radius)
+        if not self._layers:
+            return
+        # Batched over layers, the same maths as project_norm_ per tensor. A parameter that
+        # several terms or layers share is projected once, as sequential projections leave it.
+        terms = {id(p): p for layer in self._layers for ps in layer.term_params.values() for p in ps}
+        _foreach_project_norm_([layer.mod.w_alpha for layer in self._layers], 1.0, rows=True)
+        _foreach_project_norm_([layer.mod.w_beta for layer in self._layers], 1.0)
+        _foreach_project_norm_(list(terms.values()), self.weight_radius)
 
     def _update_states(self) -> None:
         active = any(layer.samples for layer in self._layers)
@@ -356,30 +512,94 @@ class RECMOptimizer(Optimizer):
                 warnings.warn(f"layer {layer.name!r} did not run in training mode since the last step; "
                               "its h is unchanged", stacklevel=3)
                 layer.warned = True
-        ls = _all_reduce_mean([self._l_mean(layer) if layer.samples else None for layer in self._layers])
-        for layer, l in zip(self._layers, ls):
-            if l is None:
-                continue
-            if not bool(torch.isfinite(l).all()):
+        ls, stacked = self._l_means()
+        ls = _all_reduce_mean(ls)
+        pending = [(layer, l) for layer, l in zip(self._layers, ls) if l is not None]
+        committed = self._commit(pending)  # decided on the device: a non-finite l leaves h unchanged
+        flags = _host_flags(committed + self._live_flags())  # one host sync for the whole update
+        ok = {id(layer): f for (layer, _), f in zip(pending, flags)}
+        for layers, x, r in stacked:  # newest = this step's sample, already stacked and passed through r_theta
+            if r.requires_grad and all(ok.get(id(layer)) for layer in layers) \
+                    and all(layer.mod.beta_fn is layers[0].mod.beta_fn for layer in layers):
+                for layer, sample in zip(layers, x.unbind()):
+                    layer.mod.newest, layer.samples = sample, []
+                _stacked_coefficients([layer.mod for layer in layers], r)
+        for (layer, _), f in zip(pending, flags):
+            if not f:
                 layer.skipped += 1
-            else:
-                layer.mod.commit(l, self.a, self.b)
-                if layer.samples:
-                    layer.mod.newest = self._newest(layer)
+            elif layer.samples:
+                layer.mod.newest = self._newest(layer)
+        for layer in self._layers:
             layer.samples = []
-        self._refresh_live()
+        self._apply_live(flags[len(pending):])
 
     def _any_grad(self) -> bool:
-        return any(p.grad is not None for g in self.param_groups for p in g["params"])
+        # Non-zero, not merely present: DCP's initialisation step passes zero gradients.
+        return self._grad_flags()[1]
+
+    def _l_means(self) -> tuple[list[Tensor | None], list[tuple[list[_Layer], Tensor, Tensor]]]:
+        """Each layer's ``l_theta`` over its captures (``None`` without any), and the stacked groups.
+
+        Standard modulations whose samples have equal shapes share one batched
+        ``r_theta`` call (:func:`_stacked_l_mean`); the others take :meth:`_l_mean`,
+        the per-layer reference that the batched path is tested against. A group of
+        single captures keeps its stacked sample and ``r_theta`` output (with grad):
+        they become ``newest`` and the next forward's coefficients.
+        """
+        out: list[Tensor | None] = [None] * len(self._layers)
+        stacked = []
+        groups: dict[tuple, list[int]] = {}
+        for i, layer in enumerate(self._layers):
+            if not layer.samples:
+                continue
+            if not is_standard(layer.mod):
+                out[i] = self._l_mean(layer)
+                continue
+            first, mod = layer.samples[0][0], layer.mod
+            key = (tuple(s.shape[1] for s, _ in layer.samples), first.shape[0], first.shape[2], first.device,
+                   mod.w_beta.dtype, mod.r_theta[0].weight.shape, mod.r_theta[2].weight.shape)
+            groups.setdefault(key, []).append(i)
+        for key, idx in groups.items():
+            layers = [self._layers[i] for i in idx]
+            ls, x, r = _stacked_l_mean(layers, with_grad=PRECOMPUTE and len(key[0]) == 1)
+            for i, l in zip(idx, ls):
+                out[i] = l
+            if len(key[0]) == 1:
+                stacked.append((layers, x, r))
+        return out, stacked
+
+    def _commit(self, pending: list[tuple[_Layer, Tensor]]) -> list[Tensor]:
+        """Commit each layer's l; return a bool tensor per layer, True where h was updated."""
+        ok: list[Tensor | None] = [None] * len(pending)
+        groups: dict[tuple, list[int]] = {}
+        for i, (layer, l) in enumerate(pending):
+            mod = layer.mod
+            if is_standard(mod) and l.shape == mod.h.shape and l.device == mod.h.device:
+                groups.setdefault((mod.h.dtype, mod.h.device, l.dtype), []).append(i)
+                continue
+            finite = bool(torch.isfinite(l).all())  # the per-layer reference: one host sync each
+            if finite:
+                mod.commit(l, self.a, self.b)
+            ok[i] = torch.tensor([finite], device=mod.h.device)
+        for idx in groups.values():
+            ls = torch.stack([pending[i][1] for i in idx])
+            flags = _foreach_commit([pending[i][0].mod for i in idx], ls, self.a, self.b)
+            for i, f in zip(idx, flags.split(1)):
+                ok[i] = f
+        return [f for f in ok if f is not None]
 
     def _l_mean(self, layer: _Layer) -> Tensor:
         samples = [s.to(layer.mod.w_beta.dtype) for s, _ in layer.samples]
-        weights = torch.cat([torch.full((s.shape[1],), u / s.shape[1]) for s, (_, u) in zip(samples, layer.samples)])
+        # float64 weights: a float32 1/S would cap a float64 l_theta at float32 precision.
+        weights = torch.cat([torch.full((s.shape[1],), u / s.shape[1], dtype=torch.float64)
+                             for s, (_, u) in zip(samples, layer.samples)])
         weights = (weights / weights.sum()).to(samples[0])
         r = layer.mod.r_theta(torch.cat(samples, 1))  # one batched call over copies and captures
         return (weights[:, None] * (r[0] - r[1:].mean(0))).sum(0)
 
     def _newest(self, layer: _Layer) -> Tensor:
+        if len(layer.samples) == 1:  # one capture: the sample itself, no copy
+            return layer.samples[0][0].to(layer.mod.w_beta.dtype)
         sample = torch.cat([s for s, _ in layer.samples], 1).to(layer.mod.w_beta.dtype)
         if sample.shape[1] > self.max_units:
             keep = torch.randperm(sample.shape[1], generator=self._rng)[: self.max_units]
@@ -387,10 +607,27 @@ class RECMOptimizer(Optimizer):
         return sample
 
     def _refresh_live(self) -> None:
-        if not self._layers:
-            return
-        alphas = [layer.mod.coefficients()[0].abs() for layer in self._layers]
-        flags = (torch.cat(alphas) >= self.prune_eps).tolist()  # one sync for every layer
+        if self._layers:
+            self._apply_live(_host_flags(self._live_flags()))  # one sync for every layer
+
+    def _live_flags(self) -> list[Tensor]:
+        """``|alpha_i| >= prune_eps`` for every layer's terms, in layer order, still on the device."""
+        slots: list[Tensor | None] = [None] * len(self._layers)
+        groups: dict[tuple, list[int]] = {}
+        for i, layer in enumerate(self._layers):
+            mod = layer.mod
+            if is_standard(mod):
+                groups.setdefault((mod.h.dtype, mod.h.device, mod.h.shape), []).append(i)
+            else:
+                slots[i] = mod.coefficients()[0].abs() >= self.prune_eps
+        for idx in groups.values():
+            mods = [self._layers[i].mod for i in idx]
+            flags = _stacked_alpha(mods).abs() >= self.prune_eps
+            for i, f in zip(idx, flags.split([len(m.terms) for m in mods])):
+                slots[i] = f
+        return [f for f in slots if f is not None]
+
+    def _apply_live(self, flags: list[bool]) -> None:
         for layer in self._layers:
             k = len(layer.mod.terms)
             layer.mod.live, flags = tuple(flags[:k]), flags[k:]
@@ -398,8 +635,10 @@ class RECMOptimizer(Optimizer):
     def _sync_grads(self) -> None:
         if not _distributed():
             return
-        params = [p for layer in self._layers for p in layer.mod.parameters()]
-        has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32)
+        params = [p for layer in self._layers for p in layer.mod.parameters()]  # same list on every rank
+        if not params:
+            return
+        has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=params[0].device)
         dist.all_reduce(has)
         grads = []
         for p, h in zip(params, has.tolist()):
@@ -411,12 +650,21 @@ class RECMOptimizer(Optimizer):
             flat = torch.cat([g.reshape(-1) for g in grads])
             dist.all_reduce(flat)
             flat /= dist.get_world_size()
-            torch._foreach_copy_(grads, list(flat.split([g.numel() for g in grads])))  # type: ignore[attr-defined]
+            for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+                g.copy_(part.view_as(g))
 
     # ------------------------------------------------------ optimizer plumbing
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Forwarded to the inner optimizer (which shares this optimizer's param groups)."""
+        """Forwarded to the inner optimizer (which shares this optimizer's param groups).
+
+        Captures whose backward has already run are dropped with their gradients, so
+        the inputs of a step that never happened (GradScaler found an inf) do not
+        leak into the next one. Captures still waiting for their backward are kept
+        (Lightning calls ``zero_grad`` between ``training_step`` and ``backward``).
+        """
         self.inner.zero_grad(set_to_none=set_to_none)
+        for layer in self._layers:
+            _drop_backed(layer)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group to the inner optimizer (visible here: the groups are shared)."""
@@ -431,11 +679,16 @@ class RECMOptimizer(Optimizer):
         ``{state, param_groups}`` shape that distributed checkpointing expects, and
         holds only tensors and plain Python values.
         """
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
         sd = self.inner.state_dict()
         index = {id(p): i for i, p in enumerate(chain.from_iterable(g["params"] for g in self.param_groups))}
         for layer in self._layers:
             i = index[id(layer.mod.w_beta)]
             sd["state"][i] = {**sd["state"].get(i, {}), **self._layer_state(layer)}
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, sd)
+            sd = result if result is not None else sd
         return sd
 
     def _layer_state(self, layer: _Layer) -> dict[str, Tensor]:
@@ -443,10 +696,17 @@ class RECMOptimizer(Optimizer):
         newest = mod.newest if mod.newest is not None else torch.zeros(0)
         return {"recm_h": mod.h.clone(), "recm_t": mod.t.clone(), "recm_gamma": mod.gamma_t.clone(),
                 "recm_newest": newest.clone(), "recm_skipped": torch.tensor(layer.skipped),
-                "recm_rng": self._rng.get_state()}
+                "recm_skipped_steps": torch.tensor(self.skipped_steps), "recm_rng": self._rng.get_state()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict from :meth:`state_dict`, or a plain inner-optimizer one (fresh RECM state)."""
+        """Load a state dict from :meth:`state_dict`, or a plain inner-optimizer one (fresh RECM state).
+
+        The param groups and the state stay the same objects (updated in place), so
+        schedulers and wrappers that hold them keep seeing the inner optimizer's.
+        """
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            state_dict = result if result is not None else state_dict
         groups = [dict(g) for g in state_dict["param_groups"]]
         state = {k: dict(v) for k, v in state_dict["state"].items()}
         recm = {k: {n: v.pop(n) for n in list(v) if n.startswith("recm_")} for k, v in state.items()}
@@ -455,14 +715,30 @@ class RECMOptimizer(Optimizer):
             warnings.warn("state dict has no RECM param group (a plain optimizer checkpoint?): "
                           "loading the inner state and starting fresh RECM state", stacklevel=2)
             groups = self._with_fresh_recm_group(groups)
-        self.inner.load_state_dict({"state": state, "param_groups": groups})
+        self._load_inner({"state": state, "param_groups": groups})
         saved = list(chain.from_iterable(g["params"] for g in groups))
         current = [id(p) for p in chain.from_iterable(g["params"] for g in self.param_groups)]
         for layer in self._layers:
             entry = recm.get(saved[current.index(id(layer.mod.w_beta))], {})
             if entry:
                 self._restore(layer, entry)
+            else:
+                self._reset(layer)
         self._refresh_live()
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _load_inner(self, state_dict: dict[str, Any]) -> None:
+        # Optimizer.load_state_dict replaces param_groups and state with new objects;
+        # copy them back into the shared ones so that the sharing survives a resume.
+        groups, state = self.param_groups, self.state
+        self.inner.load_state_dict(state_dict)
+        for old, new in zip(groups, self.inner.param_groups):
+            old.clear()
+            old.update(new)
+        state.clear()
+        state.update(self.inner.state)
+        self.inner.param_groups, self.inner.state = groups, state
 
     def _with_fresh_recm_group(self, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
         pos = next(i for i, g in enumerate(self.param_groups) if g.get("recm"))
@@ -479,7 +755,19 @@ class RECMOptimizer(Optimizer):
         newest = entry["recm_newest"]
         mod.newest = newest.to(device=mod.h.device, dtype=mod.h.dtype) if newest.numel() else None
         layer.skipped = int(entry["recm_skipped"])
+        self.skipped_steps = int(entry.get("recm_skipped_steps", self.skipped_steps))
         self._rng.set_state(entry["recm_rng"])
+        layer.inputs, layer.input_epochs, layer.samples, layer.sample_epochs = [], [], [], []
+
+    def _reset(self, layer: _Layer) -> None:
+        """Fresh RECM state (t = 0, h = 0), for a checkpoint that has none for this layer."""
+        mod = layer.mod
+        mod.h.zero_()
+        mod.t.zero_()
+        mod.gamma_t.zero_()
+        mod.newest = None
+        layer.skipped = 0
+        layer.inputs, layer.input_epochs, layer.samples, layer.sample_epochs = [], [], [], []
 
     # ------------------------------------------------------------------ report
     @property
@@ -500,10 +788,89 @@ class RECMOptimizer(Optimizer):
         return f"RECMOptimizer({type(self.inner).__name__}, layers={len(self._layers)}, group={self.group!r})"
 
 
+PRECOMPUTE = True  # build the next forward's coefficients at step time (see Modulation.coefficients)
+
+
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    """Copy a small host tensor to ``device`` without a host sync (pinned and non-blocking on CUDA)."""
+    if device.type == "cpu":
+        return t
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _all_units(v: Tensor, units: dict[str, int], grid: dict[str, int]) -> Tensor:
+    """Rows of ``v`` (``(*units, *features)``) for every unit of ``grid``, in row-major grid order.
+
+    What indexing with ``unravel_index(arange(total))`` gives, without an index; grid
+    axes that ``v`` lacks are broadcast (a per-sample target over the sample's points).
+    """
+    names, feat = list(units), v.shape[len(units):]
+    v = v.permute(*[names.index(u) for u in grid if u in units], *range(len(units), v.dim()))
+    shape = [grid[u] if u in units else 1 for u in grid]
+    return v.reshape(*shape, *feat).expand(*grid.values(), *feat).reshape(-1, *feat)
+
+
+def _isfinite_each(xs: list[Tensor]) -> Tensor:
+    """``isfinite`` of 0-d tensors as one bool vector (stacked per dtype, so nothing is rounded)."""
+    if all(x.dtype == xs[0].dtype and x.device == xs[0].device for x in xs):
+        return torch.isfinite(torch.stack(xs))
+    return torch.stack([torch.isfinite(x).to(xs[0].device) for x in xs])
+
+
+def _host_flags(pieces: list[Tensor]) -> list[bool]:
+    """Bring bool tensors to the host as one list: a single sync when they share a device."""
+    if not pieces:
+        return []
+    if all(p.device == pieces[0].device for p in pieces):
+        return torch.cat([p.reshape(-1) for p in pieces]).tolist()
+    return [bool(b) for p in pieces for b in p.reshape(-1).tolist()]
+
+
+def _weights(samples: list[tuple[Tensor, int]]) -> Tensor:
+    """Per-row weights of :meth:`RECMOptimizer._l_mean` (float64, on the host)."""
+    weights = torch.cat([torch.full((s.shape[1],), u / s.shape[1], dtype=torch.float64) for s, u in samples])
+    return weights / weights.sum()
+
+
+def _stacked_l_mean(layers: list[_Layer], with_grad: bool = False) -> tuple[list[Tensor], Tensor, Tensor]:
+    """:meth:`RECMOptimizer._l_mean` of layers whose samples have equal shapes, in one ``r_theta`` call.
+
+    Returns:
+        Each layer's l (no grad), the stacked samples ``(G, 1 + k, R, d)`` and their
+        ``r_theta`` output ``(G, 1 + k, R, m)``, with grad if ``with_grad``.
+    """
+    mods = [layer.mod for layer in layers]
+    dtype = mods[0].w_beta.dtype
+    rows = [s[0][0] if len(s) == 1 else torch.cat([t for t, _ in s], 1) for s in (layer.samples for layer in layers)]
+    x = (rows[0][None] if len(rows) == 1 else torch.stack(rows)).to(dtype)  # (G, 1 + k, R, d)
+    g, c, r, d = x.shape
+    with torch.set_grad_enabled(with_grad):
+        flat = x.reshape(g, c * r, d)
+        out = (mods[0].r_theta(flat) if g == 1 else _stacked_r_theta(mods, flat)).reshape(g, c, r, -1)
+    diff = out.detach()[:, 0] - out.detach()[:, 1:].mean(1)
+    if all(len(layer.samples) == 1 for layer in layers):  # equal weights: a scalar, no host-to-device copy
+        w = float(_weights(layers[0].samples)[0])
+        return list((diff * w).sum(1).unbind()), x, out
+    weights = _to_device(torch.stack([_weights(layer.samples) for layer in layers]).to(dtype), x.device)
+    return list((weights[..., None] * diff).sum(1).unbind()), x, out
+
+
 def _merge_units(grid: dict[str, int], units: dict[str, int], where: str) -> None:
     for u, n in units.items():
         if grid.setdefault(u, n) != n:
             raise ValueError(f"{where}: unit axis {u!r} has size {n}, but another input has {grid[u]}")
+
+
+def _drop_backed(layer: _Layer) -> None:
+    """Drop the captures made before the layer's latest backward (their gradient is gone)."""
+    keep = [e >= layer.backwards for e in layer.input_epochs]
+    layer.inputs = [x for x, k in zip(layer.inputs, keep) if k]
+    layer.input_epochs = [e for e, k in zip(layer.input_epochs, keep) if k]
+    keep = [e >= layer.backwards for e in layer.sample_epochs]
+    layer.samples = [x for x, k in zip(layer.samples, keep) if k]
+    layer.sample_epochs = [e for e, k in zip(layer.sample_epochs, keep) if k]
 
 
 def _distributed() -> bool:
@@ -516,8 +883,8 @@ def _all_reduce_mean(ls: list[Tensor | None]) -> list[Tensor | None]:
         return ls
     ref = next((l for l in ls if l is not None), None)
     m = max((l.numel() for l in ls if l is not None), default=0)
-    m = int(_all_reduce_max(m))
-    device = ref.device if ref is not None else None
+    device = _comm_device(ref)
+    m = int(_all_reduce_max(m, device))
     buf = torch.zeros(len(ls), m + 1, dtype=torch.float64, device=device)
     for i, l in enumerate(ls):
         if l is not None:
@@ -527,8 +894,15 @@ def _all_reduce_mean(ls: list[Tensor | None]) -> list[Tensor | None]:
     return [None if buf[i, m] == 0 else (buf[i, :m] / buf[i, m]).to(dtype) for i in range(len(ls))]
 
 
-def _all_reduce_max(x: int) -> int:
-    t = torch.tensor([x])
+def _comm_device(ref: Tensor | None) -> torch.device:
+    """Device for collectives: NCCL needs CUDA tensors even on a rank that captured nothing."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return ref.device if ref is not None else torch.device("cpu")
+
+
+def _all_reduce_max(x: int, device: torch.device | None = None) -> int:
+    t = torch.tensor([x], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t)
 
@@ -539,7 +913,7 @@ def _validate(**kw: Any) -> None:
     if not kw["b"] > 0:
         raise ValueError(f"b must be > 0, got {kw['b']}")
     for key in ("state_dim", "hidden", "max_units"):
-        if not isinstance(kw[key], int) or kw[key] < 1:
+        if isinstance(kw[key], bool) or not isinstance(kw[key], int) or kw[key] < 1:
             raise ValueError(f"{key} must be an int >= 1, got {kw[key]!r}")
     if not 0 <= kw["prune_eps"] < 1:
         raise ValueError(f"prune_eps must be in [0, 1), got {kw['prune_eps']}")

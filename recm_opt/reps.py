@@ -158,8 +158,8 @@ class Vector(Representation):
         if size not in (2, 3):
             raise ValueError(f"size must be 2 or 3, got {size}")
         self.axis, self.size = axis, size
-        sizes = {axis: size} if f"{axis})" in pattern or f"({axis}" in pattern or f" {axis} " in f"({pattern}" else {}
-        super().__init__(pattern, units, **sizes)
+        # Passing the size lets einops split packed axes such as "b (c xyz)" and check bare ones.
+        super().__init__(pattern, units, **{axis: size})
 
     def _check_axis(self, y: Tensor, x: Tensor, where: str) -> None:
         if y.shape[self._axis_dim()] != self.size:
@@ -199,7 +199,7 @@ class Irreps(Representation):
     """Steerable features given as e3nn irreps (needs the optional ``e3nn`` package).
 
     ``D(g) = Irreps.D_from_matrix(R)`` with ``R`` the group's 3x3 matrix, so the
-    features use e3nn's basis (``1o`` vectors are ordered y, z, x).
+    features use e3nn's basis (with e3nn 0.6 a ``1o`` block rotates exactly like an (x, y, z) vector).
 
     Args:
         irreps: an e3nn ``Irreps`` or its string, e.g. ``"8x0e+4x1o"``.
@@ -230,7 +230,9 @@ class Irreps(Representation):
 
     def matrices(self, group: Group, elements: Tensor, size: int = 0) -> Tensor:  # noqa: D102
         R = group.matrices(elements, "vector", 3)
-        return self.irreps.D_from_matrix(R.to(torch.get_default_dtype())).to(torch.float64)
+        # float64 Euler angles: in float32 they cost D(gh) = D(g) D(h) up to 1e-4 near gimbal lock;
+        # in float64 what remains (~1e-6) comes from e3nn's stored constants.
+        return self.irreps.D_from_matrix(R.to(torch.float64)).to(torch.float64)
 
     def __repr__(self) -> str:
         return f"Irreps({str(self.irreps)!r}, pattern={self.pattern!r})"
