@@ -17,9 +17,11 @@ export all see the same alpha and beta, also across DDP ranks.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 __all__ = ["GELU_LIPSCHITZ", "Modulation", "gamma", "one_plus_tanh", "project_norm_"]
@@ -126,7 +128,10 @@ class _Precomputed:
         """The stored ``(alpha, beta)`` if still valid for ``mod``'s next training forward."""
         if self.value is None or self.graph is None or not self.graph["live"] or mod.newest is not self.newest:
             return None
-        if not torch.is_grad_enabled() or _in_backward() or torch.compiler.is_compiling():
+        # Non-reentrant checkpoint recomputation must replay the forward exactly (same saved
+        # tensors), so it reuses the values; reentrant recomputation runs its own backward,
+        # which must not free the graph that the other layers share.
+        if not torch.is_grad_enabled() or _in_reentrant_recompute() or torch.compiler.is_compiling():
             return None
         if any(t._version != v or t.data_ptr() != ptr for t, v, ptr in self.token):
             return None
@@ -142,6 +147,21 @@ class _Precomputed:
 def _in_backward() -> bool:
     fn = getattr(torch._C, "_current_graph_task_id", None)
     return fn is not None and fn() != -1
+
+
+def _in_reentrant_recompute() -> bool:
+    """Whether this forward is reentrant activation checkpointing's recomputation (inside its backward)."""
+    if not _in_backward():
+        return False
+    code = torch.utils.checkpoint.CheckpointFunction.backward.__code__
+    frame = sys._getframe(1)
+    for _ in range(64):  # a forward hook or module call sits a few frames below the checkpoint's backward
+        if frame is None:
+            return False
+        if frame.f_code is code:
+            return True
+        frame = frame.f_back
+    return False
 
 
 class _SeededLazyLinear(nn.LazyLinear):
@@ -232,7 +252,7 @@ class Modulation(nn.Module):
         graph, for every layer at once (:func:`_stacked_coefficients`); they are used while
         still valid, and computed here otherwise. Both give the same values and gradients.
         """
-        if with_grad:
+        if with_grad and not torch.compiler.is_compiling():  # no guards on the per-step cache
             pre = self._precomputed.get(self)
             if pre is not None:
                 return pre
@@ -271,13 +291,18 @@ def is_standard(mod: Modulation) -> bool:
     or an ``r_theta`` that is not ``Linear -> GELU -> Linear``, take the per-layer path.
     """
     r = getattr(mod, "r_theta", None)
-    return (
+    if r is not None and mod.__dict__.get("_standard_r") is r:  # checked before: only changes with r_theta
+        return True
+    standard = (
         all(getattr(type(mod), f) is getattr(Modulation, f) for f in ("l_theta", "coefficients", "state_value", "commit"))
         and isinstance(r, nn.Sequential) and len(r) == 3
         and isinstance(r[0], nn.Linear) and type(r[1]) is nn.GELU and isinstance(r[2], nn.Linear)
         and r[1].approximate == "none" and r[0].bias is not None and r[2].bias is not None
-        and not isinstance(r[0].weight, nn.parameter.UninitializedParameter)
+        and not isinstance(r[0].weight, nn.parameter.UninitializedParameter)  # lazy: not materialised yet
     )
+    if standard:
+        mod.__dict__["_standard_r"] = r
+    return standard
 
 
 def _stacked_r_theta(mods: Sequence[Modulation], x: Tensor) -> Tensor:
@@ -296,6 +321,9 @@ def _stacked_alpha(mods: Sequence[Modulation]) -> Tensor:
 
     Same maths as ``coefficients()[0]`` (``GELU(w_alpha h)``) without the per-layer calls.
     """
+    if all(m.w_alpha.shape == mods[0].w_alpha.shape for m in mods):  # the usual case: one bmm
+        w = torch.stack([m.w_alpha for m in mods])  # (G, K, m)
+        return nn.functional.gelu(torch.bmm(w, torch.stack([m.h for m in mods])[..., None]).reshape(-1))
     w = torch.cat([m.w_alpha for m in mods])  # (sum K, m)
     h = torch.cat([m.h.expand(len(m.terms), -1) for m in mods])  # each layer's h once per term row
     return nn.functional.gelu((w * h).sum(1))
@@ -351,6 +379,10 @@ def _stacked_coefficients(mods: Sequence[Modulation], r: Tensor) -> None:
     for out in (alpha, beta):
         if out.requires_grad:
             out.register_hook(consumed)
-    for mod, a, b in zip(mods, alpha.unbind(), beta.unbind()):
-        tensors = (mod.h, mod.gamma_t, mod.w_alpha, mod.w_beta, *mod.r_theta.parameters())
+    with torch.enable_grad():  # the per-layer views must stay on the graph (step() runs under no_grad)
+        alphas, betas = alpha.unbind(), beta.unbind()
+    for mod, a, b in zip(mods, alphas, betas):
+        r_theta = mod.r_theta
+        tensors = (mod.h, mod.gamma_t, mod.w_alpha, mod.w_beta, r_theta[0].weight, r_theta[0].bias,
+                   r_theta[2].weight, r_theta[2].bias)
         mod._precomputed = _Precomputed((a, b), mod.newest, tensors, graph)

@@ -24,7 +24,6 @@ same h.
 from __future__ import annotations
 
 import math
-import sys
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping
@@ -33,15 +32,16 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.utils.checkpoint
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .groups import Group, SO3Generators
+from . import modulation
 from .modulation import (
     Modulation,
     _foreach_commit,
     _foreach_project_norm_,
+    _in_reentrant_recompute,
     _stacked_alpha,
     _stacked_coefficients,
     _stacked_r_theta,
@@ -71,20 +71,6 @@ def _in_backward() -> bool:
     # forwards repeat units already captured, so they must not be counted again.
     fn = getattr(torch._C, "_current_graph_task_id", None)
     return fn is not None and fn() != -1
-
-
-def _in_reentrant_recompute() -> bool:
-    # Reentrant checkpointing runs its first forward under no_grad and recomputes it
-    # once inside CheckpointFunction.backward: that recomputation is the only capture.
-    code = torch.utils.checkpoint.CheckpointFunction.backward.__code__
-    frame = sys._getframe(1)
-    for _ in range(64):  # the hook sits a few frames below the checkpoint's backward
-        if frame is None:
-            return False
-        if frame.f_code is code:
-            return True
-        frame = frame.f_back
-    return False
 
 
 def _param_count(params: Iterator[nn.Parameter]) -> int:
@@ -125,7 +111,9 @@ def _freeze_until_materialized(mod: nn.Module) -> None:
     right after the lazy module's own) or by loading a state dict.
     """
     for sub in mod.modules():
-        lazy = [p for p in sub.parameters(recurse=False) if isinstance(p, nn.parameter.UninitializedParameter)]
+        lazy: list[nn.Parameter] = [
+            p for p in sub.parameters(recurse=False) if isinstance(p, nn.parameter.UninitializedParameter)
+        ]
         if not lazy:
             continue
         for p in lazy:
@@ -245,6 +233,7 @@ class RECMOptimizer(Optimizer):
         self.param_groups = optimizer.param_groups
         self._shared = True
         self.state = optimizer.state  # read-only view for users; RECM state lives in the modulations
+        self._pending_rebuild: list[_Layer] = []
         self._hooks = [handle for layer in self._layers for handle in self._register_hooks(layer)]
         self._project()  # feasible from t = 0, so a step that moves nothing projects nothing
 
@@ -318,10 +307,15 @@ class RECMOptimizer(Optimizer):
             if opt is None or module is not layer_ref() or not module.training:
                 return
             if _in_backward():  # checkpoint recomputation: captured in forward unless reentrant
+                # (reentrant checkpointing runs its forward under no_grad: the recomputation
+                # in its backward is then the one capture)
                 if not _in_reentrant_recompute():
                     return
             elif not torch.is_grad_enabled():  # update_bn, inference under no_grad
                 return
+            if opt._pending_rebuild:  # first training forward after a load
+                opt._rebuild_precomputed(opt._pending_rebuild)
+                opt._pending_rebuild = []
             opt._capture(layer, args, kwargs)
 
         def backed(_: Tensor) -> None:
@@ -379,10 +373,8 @@ class RECMOptimizer(Optimizer):
                 layer.inputs, layer.input_epochs = [], []
         finally:
             self._target_cache = None
-            # One host sync for every new sample, not one per layer. The largest |value| is
-            # NaN/Inf exactly when the sample is not finite: such a batch never reaches h.
-            peaks = list(torch._foreach_norm([s for _, s, _, _ in new], ord=math.inf)) if new else []
-            finite = _host_flags([_isfinite_each(peaks)]) if peaks else []
+            # One host sync for every new sample, not one per layer: a NaN/Inf batch never reaches h.
+            finite = _host_flags([_isfinite_each(_nonfinite_probes([s for _, s, _, _ in new]))]) if new else []
             for (layer, sample, units, epoch), ok in zip(new, finite):
                 if not ok:
                     layer.skipped += 1
@@ -420,10 +412,15 @@ class RECMOptimizer(Optimizer):
             index = torch.stack(torch.unravel_index(idx, tuple(grid.values())))
             multi = dict(zip(grid, _to_device(index, views[0][1].device).unbind()))  # one copy, no sync
         parts = [self._stack(rep, v, units, grid, multi) for rep, v, units in views]
-        return torch.cat(parts, -1), total
+        if len(parts) == 1:
+            return torch.cat([parts[0][0][None], parts[0][1]]), total
+        # (1 + k, S, d): the identity copy, then each generator's; features in input order, target last
+        ids, moved = torch.cat([p[0] for p in parts], -1), torch.cat([p[1] for p in parts], -1)
+        return torch.cat([ids[None], moved]), total
 
     def _stack(self, rep: Representation, v: Tensor, units: dict[str, int], grid: dict[str, int],
-               multi: dict[str, Tensor] | None) -> Tensor:
+               multi: dict[str, Tensor] | None) -> tuple[Tensor, Tensor]:
+        """The rows ``(S, f)`` of one input (or the target) and their generator copies ``(k, S, f)``."""
         # (S, *features): the kept units, or every unit of the grid in row-major order
         rows = _all_units(v, units, grid) if multi is None else v[tuple(multi[u] for u in units)]
         if not rows.is_floating_point():
@@ -431,7 +428,7 @@ class RECMOptimizer(Optimizer):
         rows = rows.reshape(len(rows), -1) if rows.dim() > 1 else rows[:, None]
         feat = rows.reshape(rows.shape[0], *v.shape[len(units):]) if v.dim() > len(units) else rows
         moved = self._act(rep, feat)  # (k, S, *features)
-        return torch.cat([rows[None], moved.reshape(moved.shape[0], rows.shape[0], -1)])
+        return rows, moved.reshape(moved.shape[0], rows.shape[0], -1)
 
     def _act(self, rep: Representation, x: Tensor) -> Tensor:
         """``rep.act`` over the generators; the default action's matrices are built and moved once."""
@@ -443,7 +440,10 @@ class RECMOptimizer(Optimizer):
         if key not in cache:  # keep rep alive with its matrices, so that id(rep) stays unique
             cache[key] = (rep, rep.matrices(self.group, self._generators, x.shape[d]).to(dtype=x.dtype,
                                                                                          device=x.device))
-        return torch.einsum("kij,...j->k...i", cache[key][1], x.movedim(d, -1)).movedim(-1, d)
+        D, xm = cache[key][1], x.movedim(d, -1)
+        # x' = x @ D(g).T for every g: one (k f, f) x (f, rows) matmul, cheaper than einsum's dispatch
+        out = torch.matmul(D, xm.reshape(-1, xm.shape[-1]).mT).mT
+        return out.reshape(len(D), *xm.shape).movedim(-1, d)
 
     # -------------------------------------------------------------------- step
     @torch.no_grad()
@@ -490,8 +490,11 @@ class RECMOptimizer(Optimizer):
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         if not grads:
             return True, False
-        norms = [n.float() for n in torch._foreach_norm(grads)]
-        s = torch.stack([n.to(norms[0].device) for n in norms])
+        norms = torch._foreach_norm(grads)
+        if all(n.device == norms[0].device for n in norms):  # one stack, not two ops per gradient
+            s = torch.stack([n if n.dtype == torch.float32 else n.float() for n in norms])
+        else:
+            s = torch.stack([n.float().to(norms[0].device) for n in norms])
         finite, nonzero = torch.stack([torch.isfinite(s).all(), (s != 0).any()]).tolist()
         return bool(finite), bool(nonzero)
 
@@ -561,7 +564,7 @@ class RECMOptimizer(Optimizer):
             groups.setdefault(key, []).append(i)
         for key, idx in groups.items():
             layers = [self._layers[i] for i in idx]
-            ls, x, r = _stacked_l_mean(layers, with_grad=PRECOMPUTE and len(key[0]) == 1)
+            ls, x, r = _stacked_l_mean(layers, with_grad=modulation.PRECOMPUTE and len(key[0]) == 1)
             for i, l in zip(idx, ls):
                 out[i] = l
             if len(key[0]) == 1:
@@ -640,11 +643,11 @@ class RECMOptimizer(Optimizer):
             return
         has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=params[0].device)
         dist.all_reduce(has)
-        grads = []
+        grads: list[Tensor] = []
         for p, h in zip(params, has.tolist()):
-            if h > 0 and p.grad is None:
-                p.grad = torch.zeros_like(p)
-            if h > 0:
+            if h > 0:  # a rank without this gradient contributes zeros to the average
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
                 grads.append(p.grad)
         if grads:
             flat = torch.cat([g.reshape(-1) for g in grads])
@@ -696,7 +699,8 @@ class RECMOptimizer(Optimizer):
         newest = mod.newest if mod.newest is not None else torch.zeros(0)
         return {"recm_h": mod.h.clone(), "recm_t": mod.t.clone(), "recm_gamma": mod.gamma_t.clone(),
                 "recm_newest": newest.clone(), "recm_skipped": torch.tensor(layer.skipped),
-                "recm_skipped_steps": torch.tensor(self.skipped_steps), "recm_rng": self._rng.get_state()}
+                "recm_skipped_steps": torch.tensor(self.skipped_steps), "recm_rng": self._rng.get_state(),
+                "recm_batched": torch.tensor(_has_precomputed(mod))}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict from :meth:`state_dict`, or a plain inner-optimizer one (fresh RECM state).
@@ -718,13 +722,18 @@ class RECMOptimizer(Optimizer):
         self._load_inner({"state": state, "param_groups": groups})
         saved = list(chain.from_iterable(g["params"] for g in groups))
         current = [id(p) for p in chain.from_iterable(g["params"] for g in self.param_groups)]
+        batched = []
         for layer in self._layers:
             entry = recm.get(saved[current.index(id(layer.mod.w_beta))], {})
             if entry:
                 self._restore(layer, entry)
+                batched += [layer] if bool(entry.get("recm_batched", False)) else []
             else:
                 self._reset(layer)
         self._refresh_live()
+        # Rebuilt at the next training forward: DCP's set_state_dict loads the model after
+        # the optimizer, and loading parameters invalidates what a rebuild now would make.
+        self._pending_rebuild = batched
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
@@ -759,6 +768,32 @@ class RECMOptimizer(Optimizer):
         self._rng.set_state(entry["recm_rng"])
         layer.inputs, layer.input_epochs, layer.samples, layer.sample_epochs = [], [], [], []
 
+    def _rebuild_precomputed(self, layers: list[_Layer]) -> None:
+        """Rebuild the batched training coefficients the saved run held for its next forward.
+
+        ``step()`` leaves each layer's next-forward ``(alpha, beta)`` computed in one batched
+        graph (:func:`~recm_opt.modulation._stacked_coefficients`); a freshly loaded optimizer
+        would compute them per layer, which rounds differently. They are a function of the
+        restored state, so the same code path as in ``step()`` (``_l_means`` on the newest
+        sample, grouped alike) rebuilds them bit for bit, and a resumed run continues exactly.
+        """
+        if not layers or not modulation.PRECOMPUTE:
+            return
+        pending = [(layer, layer.samples) for layer in self._layers]
+        for layer in self._layers:
+            newest = layer.mod.newest
+            layer.samples = [(newest, newest.shape[1])] if layer in layers and newest is not None else []
+        try:
+            _, stacked = self._l_means()
+            for group, x, r in stacked:
+                if r.requires_grad:
+                    for layer, sample in zip(group, x.unbind()):
+                        layer.mod.newest = sample
+                    _stacked_coefficients([layer.mod for layer in group], r)
+        finally:
+            for layer, samples in pending:
+                layer.samples = samples
+
     def _reset(self, layer: _Layer) -> None:
         """Fresh RECM state (t = 0, h = 0), for a checkpoint that has none for this layer."""
         mod = layer.mod
@@ -788,9 +823,6 @@ class RECMOptimizer(Optimizer):
         return f"RECMOptimizer({type(self.inner).__name__}, layers={len(self._layers)}, group={self.group!r})"
 
 
-PRECOMPUTE = True  # build the next forward's coefficients at step time (see Modulation.coefficients)
-
-
 def _to_device(t: Tensor, device: torch.device) -> Tensor:
     """Copy a small host tensor to ``device`` without a host sync (pinned and non-blocking on CUDA)."""
     if device.type == "cpu":
@@ -810,6 +842,17 @@ def _all_units(v: Tensor, units: dict[str, int], grid: dict[str, int]) -> Tensor
     v = v.permute(*[names.index(u) for u in grid if u in units], *range(len(units), v.dim()))
     shape = [grid[u] if u in units else 1 for u in grid]
     return v.reshape(*shape, *feat).expand(*grid.values(), *feat).reshape(-1, *feat)
+
+
+def _nonfinite_probes(samples: list[Tensor]) -> list[Tensor]:
+    """One 0-d tensor per sample that is NaN/Inf exactly when the sample has a NaN/Inf entry.
+
+    On CUDA, one multi-tensor kernel (the largest ``|value|``). On CPU that kernel is slow,
+    and ``sum(0 * x)`` is exact and fast: ``0 * finite = 0``, ``0 * inf = NaN``.
+    """
+    if samples[0].device.type == "cuda":
+        return list(torch._foreach_norm(samples, ord=math.inf))
+    return [s.mul(0).sum() for s in samples]
 
 
 def _isfinite_each(xs: list[Tensor]) -> Tensor:
@@ -850,9 +893,8 @@ def _stacked_l_mean(layers: list[_Layer], with_grad: bool = False) -> tuple[list
         flat = x.reshape(g, c * r, d)
         out = (mods[0].r_theta(flat) if g == 1 else _stacked_r_theta(mods, flat)).reshape(g, c, r, -1)
     diff = out.detach()[:, 0] - out.detach()[:, 1:].mean(1)
-    if all(len(layer.samples) == 1 for layer in layers):  # equal weights: a scalar, no host-to-device copy
-        w = float(_weights(layers[0].samples)[0])
-        return list((diff * w).sum(1).unbind()), x, out
+    if all(len(layer.samples) == 1 for layer in layers):  # one capture each: equal weights 1/S, a scalar
+        return list((diff * (1.0 / r)).sum(1).unbind()), x, out
     weights = _to_device(torch.stack([_weights(layer.samples) for layer in layers]).to(dtype), x.device)
     return list((weights[..., None] * diff).sum(1).unbind()), x, out
 
@@ -861,6 +903,15 @@ def _merge_units(grid: dict[str, int], units: dict[str, int], where: str) -> Non
     for u, n in units.items():
         if grid.setdefault(u, n) != n:
             raise ValueError(f"{where}: unit axis {u!r} has size {n}, but another input has {grid[u]}")
+
+
+def _has_precomputed(mod: Modulation) -> bool:
+    """Whether ``mod``'s next training forward would use coefficients precomputed by ``step()``."""
+    pre = getattr(mod, "_precomputed", None)
+    if pre is None:
+        return False
+    with torch.enable_grad():
+        return pre.get(mod) is not None
 
 
 def _drop_backed(layer: _Layer) -> None:

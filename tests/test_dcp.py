@@ -1,0 +1,157 @@
+"""Distributed checkpointing round-trips the RECM state (issue 4, compatibility 9).
+
+``torch.distributed.checkpoint.state_dict`` keys the optimizer state by parameter
+FQN and keeps only ``{state, param_groups}``; RECM's state rides in the state entry
+of each layer's ``w_beta`` (``recm_*`` keys), so it survives. On an optimizer
+without state, ``get_optimizer_state_dict`` first runs ``step()`` with zero
+gradients and lr = 0: that step must change nothing.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+    set_state_dict,
+)
+
+import recm_opt as recm
+from recm_opt.optimizer import RECMOptimizer
+
+
+@recm.relaxed(inputs=recm.Vector("b c xyz"), terms={"weight": "un"})
+class TinyVectorLinear(nn.Module):
+    """Channel mixing plus a dense map on the flattened vectors; deterministic (no noise term)."""
+
+    def __init__(self, c_in: int, c_out: int, seed: int) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.weight = nn.Parameter(torch.randn(c_out, c_in, generator=g) / math.sqrt(c_in))
+        self.un = nn.Parameter(torch.randn(3 * c_out, 3 * c_in, generator=g) * 1e-2)
+
+    def equivariant(self, z: Tensor) -> Tensor:
+        return torch.einsum("oc,bcx->box", self.weight, z)
+
+    def unconstrained(self, term: str, z: Tensor) -> Tensor:
+        return (z.flatten(1) @ self.un.T).view(z.shape[0], -1, 3)
+
+
+class TinyNet(nn.Module):
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        self.enc = TinyVectorLinear(4, 6, seed=1 + seed)
+        self.dec = TinyVectorLinear(6, 1, seed=2 + seed)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.dec(torch.tanh(self.enc(z)))[:, 0]
+
+
+def build(seed: int = 0) -> tuple[TinyNet, RECMOptimizer]:
+    model = TinyNet(seed)
+    # AdamW with weight decay: a step at lr = 0 must still move nothing.
+    inner = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    return model, RECMOptimizer(inner, model, target=recm.Vector("b xyz"), a=0.1)
+
+
+def train(model: TinyNet, opt: RECMOptimizer, steps: range) -> None:
+    for step in steps:
+        g = torch.Generator().manual_seed(step)
+        x = torch.randn(16, 4, 3, generator=g)
+        y = x[:, 0] * 2 + torch.tensor([0.5, 0.0, 0.0])
+        (model(x) - y).pow(2).mean().backward()
+        opt.step(target=y)
+        opt.zero_grad()
+
+
+def recm_state(model: TinyNet) -> list[Tensor]:
+    out = []
+    for layer in (model.enc, model.dec):
+        mod = layer.recm_modulation
+        out += [mod.h.clone(), mod.t.clone(), mod.gamma_t.clone()]
+        out += [mod.newest.clone()] if mod.newest is not None else []
+    return out
+
+
+def params(model: nn.Module) -> list[Tensor]:
+    return [p.detach().clone() for p in model.parameters() if not isinstance(p, nn.parameter.UninitializedParameter)]
+
+
+def test_zero_gradient_initialisation_step_changes_nothing() -> None:
+    """get_optimizer_state_dict on a fresh optimizer steps with zero grads: weights and RECM state stay put."""
+    model, opt = build()
+    before, state = params(model), recm_state(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "layer did not run" warning from the dummy step either
+        osd = get_optimizer_state_dict(model, opt)
+    assert all(torch.equal(a, b) for a, b in zip(params(model), before))
+    assert all(torch.equal(a, b) for a, b in zip(recm_state(model), state))
+    assert opt.skipped_steps == 0
+    assert "enc.recm_modulation.w_beta" in osd["state"]
+    assert int(osd["state"]["enc.recm_modulation.w_beta"]["recm_t"]) == 0
+    # The model trains normally afterwards (the lazy r_theta was left alone by the dummy step).
+    train(model, opt, range(2))
+    assert int(model.enc.recm_modulation.t) == 2
+
+
+def test_get_set_optimizer_state_dict_round_trips_recm_state() -> None:
+    """FQN-keyed state dicts carry h, t, gamma and the newest sample; resumed training matches bit for bit."""
+    model, opt = build()
+    train(model, opt, range(3))
+    # Through bytes, as a checkpoint would: the dicts alias the live state, which keeps training below.
+    buf = io.BytesIO()
+    torch.save({"model": get_model_state_dict(model), "opt": get_optimizer_state_dict(model, opt)}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    msd, osd = ckpt["model"], ckpt["opt"]
+    entry = osd["state"]["dec.recm_modulation.w_beta"]
+    assert {"recm_h", "recm_t", "recm_gamma", "recm_newest"} <= set(entry)
+    assert {"exp_avg", "exp_avg_sq"} <= set(entry)  # the inner state of w_beta is still there
+
+    other, other_opt = build(seed=5)
+    set_model_state_dict(other, msd)
+    set_optimizer_state_dict(other, other_opt, osd)
+    assert all(torch.equal(a, b) for a, b in zip(recm_state(other), recm_state(model)))
+
+    train(model, opt, range(3, 5))
+    train(other, other_opt, range(3, 5))
+    assert all(torch.equal(a, b) for a, b in zip(params(other), params(model)))
+    assert all(torch.equal(a, b) for a, b in zip(recm_state(other), recm_state(model)))
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # single process: no process group
+def test_dcp_save_and_load_files_resume_bit_exact(tmp_path: Path) -> None:
+    """dcp.save, then dcp.load into a template and set_state_dict, resumes exactly (template: two steps).
+
+    ``dcp.load`` fills a template in place, so the template needs every saved tensor with
+    its shape: the lazy ``r_theta`` input layer gets its shape at the first step and its
+    optimizer state at the second, and the newest sample has the batch's shape.
+    """
+    model, opt = build()
+    train(model, opt, range(3))
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp_path))
+
+    other, other_opt = build(seed=5)
+    train(other, other_opt, range(100, 102))  # shapes for the template
+    msd, osd = get_state_dict(other, other_opt)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=str(tmp_path))
+    set_state_dict(other, other_opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    assert all(torch.equal(a, b) for a, b in zip(recm_state(other), recm_state(model)))
+
+    train(model, opt, range(3, 5))
+    train(other, other_opt, range(3, 5))
+    assert all(torch.equal(a, b) for a, b in zip(params(other), params(model)))
+    assert all(torch.equal(a, b) for a, b in zip(recm_state(other), recm_state(model)))

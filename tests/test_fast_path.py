@@ -1,0 +1,197 @@
+"""The batched step (foreach / stacked across layers) equals the per-layer reference loop, in float64."""
+
+from __future__ import annotations
+
+import math
+from unittest import mock
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from strategies import rng, seeds
+from torch import Tensor, nn
+from vector_model import RelaxedVectorLinear
+
+import recm_opt as recm
+import recm_opt.optimizer as optimizer_module
+from recm_opt.modulation import (
+    Modulation,
+    _foreach_commit,
+    _foreach_project_norm_,
+    _stacked_alpha,
+    _stacked_r_theta,
+    project_norm_,
+)
+from recm_opt.optimizer import _all_units
+
+# float64 throughout: bmm against linear, and a batched sum against a loop, differ by a few ulps.
+TOL = 1e-12
+
+
+def _modulations(seed: int, n: int, d: int, terms: int = 3) -> list[Modulation]:
+    g = rng(seed)
+    mods = [Modulation(tuple(f"t{i}" for i in range(terms)), seed=seed + j).double() for j in range(n)]
+    for mod in mods:
+        mod.r_theta(torch.zeros(1, d, dtype=torch.float64))  # materialise the lazy input layer
+        with torch.no_grad():
+            mod.h.copy_(torch.randn(mod.h.shape, generator=g, dtype=torch.float64))
+            mod.w_alpha.copy_(torch.randn(mod.w_alpha.shape, generator=g, dtype=torch.float64))
+            mod.t.fill_(int(torch.randint(0, 50, (), generator=g)))
+            mod.gamma_t.fill_(0.1)
+    return mods
+
+
+@given(seed=seeds(), n=st.integers(1, 6), rows=st.booleans(), scale=st.sampled_from([0.1, 1.0, 10.0]))
+def test_foreach_projection_equals_per_tensor_projection(seed: int, n: int, rows: bool, scale: float) -> None:
+    """Batched projections leave every tensor (or row) exactly where project_norm_ puts it."""
+    g = rng(seed)
+    shapes = [(int(torch.randint(1, 4, (), generator=g)), 5) if rows else
+              tuple(int(s) for s in torch.randint(1, 5, (int(torch.randint(0, 3, (), generator=g)),), generator=g))
+              for _ in range(n)]
+    xs = [scale * torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+    ref = [x.clone() for x in xs]
+    for x in ref:
+        project_norm_([x], 1.0, dim=1 if rows else None)
+    _foreach_project_norm_(xs, 1.0, rows=rows)
+    for x, y in zip(xs, ref):
+        torch.testing.assert_close(x, y, atol=TOL, rtol=TOL)
+
+
+@given(seed=seeds(), n=st.integers(1, 5), d=st.integers(1, 9), r=st.integers(1, 12))
+def test_stacked_r_theta_equals_each_layers_r_theta(seed: int, n: int, d: int, r: int) -> None:
+    """One batched r_theta call over G layers gives each layer's own r_theta output."""
+    mods = _modulations(seed, n, d)
+    x = torch.randn(n, r, d, generator=rng(seed + 1), dtype=torch.float64)
+    out = _stacked_r_theta(mods, x)
+    for i, mod in enumerate(mods):
+        torch.testing.assert_close(out[i], mod.r_theta(x[i]), atol=TOL, rtol=TOL)
+
+
+@given(seed=seeds(), n=st.integers(1, 5), terms=st.integers(1, 4))
+def test_stacked_alpha_equals_coefficients(seed: int, n: int, terms: int) -> None:
+    """The concatenated alphas equal each layer's coefficients()[0]."""
+    mods = _modulations(seed, n, 3, terms)
+    expected = torch.cat([mod.coefficients()[0] for mod in mods])
+    torch.testing.assert_close(_stacked_alpha(mods), expected, atol=TOL, rtol=TOL)
+
+
+@given(seed=seeds(), n=st.integers(1, 5), bad=st.integers(-1, 4), a=st.sampled_from([1e-3, 0.1, 1.0]))
+def test_foreach_commit_equals_commit_and_skips_nonfinite(seed: int, n: int, bad: int, a: float) -> None:
+    """Batched commit equals Modulation.commit per layer; a layer with a non-finite l is left unchanged."""
+    mods, ref = _modulations(seed, n, 3), _modulations(seed, n, 3)
+    ls = torch.randn(n, mods[0].h.numel(), generator=rng(seed + 2), dtype=torch.float64)
+    if 0 <= bad < n:
+        ls[bad, 0] = math.nan
+    ok = _foreach_commit(mods, ls, a, 1.0)
+    for i, mod in enumerate(ref):
+        if bool(torch.isfinite(ls[i]).all()):
+            mod.commit(ls[i], a, 1.0)
+    assert ok.tolist() == [bool(torch.isfinite(l).all()) for l in ls]
+    for mod, expect in zip(mods, ref):
+        torch.testing.assert_close(mod.h, expect.h, atol=TOL, rtol=TOL)
+        torch.testing.assert_close(mod.gamma_t, expect.gamma_t, atol=TOL, rtol=TOL)
+        assert int(mod.t) == int(expect.t)
+
+
+@given(seed=seeds(), sizes=st.lists(st.integers(1, 4), min_size=1, max_size=3), keep=st.integers(0, 7),
+       feat=st.integers(0, 2))
+def test_all_units_equals_unravel_index_gather(seed: int, sizes: list[int], keep: int, feat: int) -> None:
+    """Every unit without an index equals gathering at unravel_index(arange(total)), broadcasts included."""
+    names = [f"u{i}" for i in range(len(sizes))]
+    grid = dict(zip(names, sizes))
+    own = [u for i, u in enumerate(names) if keep >> i & 1] or names[:1]  # a subset of the grid's unit axes
+    own = own[::-1] if seed % 2 else own  # in another order than the grid's
+    v = torch.randn(*[grid[u] for u in own], *([2] * feat), generator=rng(seed), dtype=torch.float64)
+    multi = dict(zip(grid, torch.unravel_index(torch.arange(math.prod(sizes)), tuple(sizes))))
+    expected = v[tuple(multi[u] for u in own)]
+    torch.testing.assert_close(_all_units(v, {u: grid[u] for u in own}, grid), expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("group,rep,size", [
+    (recm.SO3Generators(), recm.Vector("b c xyz n", units="b n"), 3),
+    (recm.SO2Generators(), recm.Vector("b xyz"), 3),
+    (recm.CyclicGenerators(5), recm.Permutation("b set", axis="set"), 5),
+])
+def test_cached_action_equals_rep_act(group: recm.Group, rep: recm.Representation, size: int) -> None:
+    """The optimizer's cached-matrix action equals Representation.act."""
+    layer = _TinyLayer()
+    opt = recm.RECMOptimizer(torch.optim.SGD(layer.parameters(), lr=0.1), layer, group, target=None)
+    x = torch.randn(7, 2, size, 4) if rep.units == ("b", "n") else torch.randn(7, size)
+    feat, _ = rep.unit_view(x)
+    feat = feat.reshape(-1, *feat.shape[len(rep.units):])
+    for _ in range(2):  # built once, then read from the cache
+        torch.testing.assert_close(opt._act(rep, feat), rep.act(group, group.generators(), feat))
+
+
+@recm.relaxed(inputs=recm.Vector("b xyz"), terms={"weight": "un"})
+class _TinyLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.un = nn.Linear(3, 3)
+
+    def equivariant(self, z: Tensor) -> Tensor:
+        return z
+
+    def unconstrained(self, term: str, z: Tensor) -> Tensor:
+        return self.un(z)
+
+
+class _Net(nn.Module):
+    """Layers of two widths: three share one batched group, the others are alone in theirs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([RelaxedVectorLinear(4, 6), RelaxedVectorLinear(6, 6),
+                                     RelaxedVectorLinear(6, 6), RelaxedVectorLinear(6, 6),
+                                     RelaxedVectorLinear(6, 1)])
+
+    def forward(self, z: Tensor) -> Tensor:
+        for layer in self.layers:
+            z = torch.tanh(layer(z))
+        return z[:, 0]
+
+
+def _reference_project(self: recm.RECMOptimizer) -> None:
+    for layer in self._layers:
+        project_norm_([layer.mod.w_alpha], 1.0, dim=1)
+        project_norm_([layer.mod.w_beta], 1.0)
+        project_norm_([p for ps in layer.term_params.values() for p in ps], self.weight_radius)
+
+
+def _train(seed: int, batch: int, max_units: int, accumulate: int, steps: int = 3) -> tuple[nn.Module, list]:
+    torch.manual_seed(seed)
+    model = _Net().double()
+    # SGD, not Adam: Adam turns a rounding-level gradient (the exact one is 0) into a full-size step.
+    opt = recm.RECMOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, target=recm.Vector("b xyz"),
+                             a=0.5, max_units=max_units, seed=seed, prune_eps=0.05)
+    g = rng(seed)
+    for _ in range(steps):
+        for _ in range(accumulate):
+            x = torch.randn(batch, 4, 3, generator=g, dtype=torch.float64)
+            y = torch.randn(batch, 3, generator=g, dtype=torch.float64) + torch.tensor([1.0, 0, 0]).double()
+            (model(x) - y).pow(2).mean().backward()
+            opt.observe(y)
+        opt.step()
+        opt.zero_grad()
+    return model, [layer.recm_modulation.live for layer in model.layers]
+
+
+@settings(max_examples=8)
+@given(seed=st.integers(0, 2**16), batch=st.integers(2, 12), max_units=st.integers(3, 16),
+       accumulate=st.integers(1, 2))
+def test_batched_step_equals_per_layer_reference(seed: int, batch: int, max_units: int, accumulate: int) -> None:
+    """Training with the batched step and with the per-layer loop gives the same parameters, h, t and newest."""
+    fast, fast_live = _train(seed, batch, max_units, accumulate)
+    # every layer takes the per-layer reference path: _l_mean, commit, coefficients, project_norm_
+    with mock.patch.object(optimizer_module, "is_standard", lambda mod: False), \
+            mock.patch.object(recm.RECMOptimizer, "_project", _reference_project):
+        ref, ref_live = _train(seed, batch, max_units, accumulate)
+    for (name, p), q in zip(fast.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, atol=TOL, rtol=TOL, msg=name)
+    for a, b in zip(fast.layers, ref.layers):
+        ma, mb = a.recm_modulation, b.recm_modulation
+        torch.testing.assert_close(ma.h, mb.h, atol=TOL, rtol=TOL)
+        torch.testing.assert_close(ma.newest, mb.newest, atol=TOL, rtol=TOL)
+        assert int(ma.t) == int(mb.t)
+    assert fast_live == ref_live

@@ -1,0 +1,90 @@
+"""PyTorch Lightning: a RECMOptimizer from configure_optimizers trains under Trainer (issue 4, compatibility 10).
+
+Lightning calls ``optimizer.step(closure)`` itself, and its closure runs
+``training_step``, then ``zero_grad``, then ``backward``. The target therefore
+reaches RECM through ``observe(y)`` inside ``training_step`` (the pattern that
+docs/training-loops.md documents); the captures survive Lightning's
+``zero_grad`` because their backward has not run yet.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import recm_opt as recm
+from recm_opt.optimizer import RECMOptimizer
+
+pl = pytest.importorskip("pytorch_lightning")
+
+STEPS = 4
+
+
+@recm.relaxed(inputs=recm.Vector("b c xyz"), terms={"weight": "un"})
+class TinyVectorLinear(nn.Module):
+    """Channel mixing plus a dense map on the flattened vectors; deterministic (no noise term)."""
+
+    def __init__(self, c_in: int, c_out: int, seed: int) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.weight = nn.Parameter(torch.randn(c_out, c_in, generator=g) / math.sqrt(c_in))
+        self.un = nn.Parameter(torch.randn(3 * c_out, 3 * c_in, generator=g) * 1e-2)
+
+    def equivariant(self, z: Tensor) -> Tensor:
+        return torch.einsum("oc,bcx->box", self.weight, z)
+
+    def unconstrained(self, term: str, z: Tensor) -> Tensor:
+        return (z.flatten(1) @ self.un.T).reshape(z.shape[0], -1, 3)
+
+
+class LitVectors(pl.LightningModule):
+    """The documented pattern: return the wrapper from configure_optimizers, observe(y) in training_step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = TinyVectorLinear(4, 6, seed=1)
+        self.dec = TinyVectorLinear(6, 1, seed=2)
+        self.losses: list[float] = []
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.dec(torch.tanh(self.enc(z)))[:, 0]
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        loss = (self(x) - y).pow(2).mean()
+        self.optimizers().observe(y)  # pairs this forward's captured inputs with the target
+        self.losses.append(float(loss))
+        return loss
+
+    def configure_optimizers(self) -> RECMOptimizer:
+        return RECMOptimizer(torch.optim.AdamW(self.parameters(), lr=1e-2), self,
+                             target=recm.Vector("b xyz"), a=0.1)
+
+
+def loader() -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(STEPS * 8, 4, 3, generator=g)
+    y = x[:, 0] * 2 + torch.tensor([0.5, 0.0, 0.0])
+    return DataLoader(TensorDataset(x, y), batch_size=8)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Lightning's advice about num_workers etc.
+def test_lightning_trainer_trains_with_observe_in_training_step() -> None:
+    """Trainer.fit runs STEPS optimizer steps; each advances every layer's h with that step's batch."""
+    model = LitVectors()
+    before = model.enc.weight.detach().clone()
+    trainer = pl.Trainer(max_steps=STEPS, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(model, loader())
+    assert trainer.global_step == STEPS
+    for layer in (model.enc, model.dec):
+        mod = layer.recm_modulation
+        assert int(mod.t) == STEPS and torch.isfinite(mod.h).all() and mod.h.abs().max() > 0
+        assert mod.newest is not None and mod.newest.shape[1] == 8  # the last batch, captured once
+    assert not torch.equal(before, model.enc.weight)
+    assert all(math.isfinite(v) for v in model.losses) and len(model.losses) == STEPS
