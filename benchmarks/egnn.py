@@ -10,6 +10,14 @@ flattened-node layout produced by :func:`nbody_data.batch_graphs`:
 with C = 1/(number of neighbours) (mean aggregation, as in the reference).
 Each layer holds the edge-message map, the coordinate-update map and the
 node-update map as separate submodules so they can be addressed individually.
+The two update maps return the *increments* (x_i' - x_i and h_i' - h_i); the
+layer adds the residual, so RECM's beta scales the update and not the state.
+
+``EGNN(relaxed=True)`` swaps both update maps of every layer for ``@relaxed``
+RECM layers (:class:`RelaxedCoordUpdate`, :class:`RelaxedNodeUpdate`) whose
+unconstrained candidates see the raw coordinates and velocities and can
+therefore break rotation symmetry. Until an optimizer is attached they compute
+exactly the plain EGNN maps.
 """
 
 from __future__ import annotations
@@ -17,10 +25,15 @@ from __future__ import annotations
 import copy
 import time
 
+import nbody_data
 import torch
 from torch import Tensor, nn
 
-import nbody_data
+import recm_opt as recm
+
+# Flattened-node layout (DESIGN.md 1.2): one RECM unit per node.
+NODE_SCALARS = recm.Invariant("n f")
+NODE_VECTORS = recm.Vector("n xyz")
 
 
 def _segment_sum(values: Tensor, index: Tensor, n_segments: int) -> Tensor:
@@ -67,7 +80,7 @@ class EdgeMessage(nn.Module):
 
 
 class CoordUpdate(nn.Module):
-    """Coordinate-update map: x_i' = x_i + mean_j (x_i - x_j) phi_x(m_ij) + phi_v(h_i) v_i.
+    """Coordinate-update map: dx_i = mean_j (x_i - x_j) phi_x(m_ij) + phi_v(h_i) v_i.
 
     Equivariant because each term is a vector (x_i - x_j or v_i) times an
     invariant scalar. phi_x's last layer is bias-free with xavier gain 0.001,
@@ -95,17 +108,17 @@ class CoordUpdate(nn.Module):
             edge_index: (2,E) edge index.
 
         Returns:
-            New positions (N,3).
+            The position increment x_i' - x_i (N,3).
         """
         # The reference clamps trans to +-100 per component; that breaks exact
         # rotation equivariance, so it is left out here.
         trans = coord_diff * self.phi_x(m)
         agg = _segment_mean(trans, edge_index[0], x.shape[0])
-        return x + agg + self.phi_v(h) * v
+        return agg + self.phi_v(h) * v
 
 
 class NodeUpdate(nn.Module):
-    """Node-update map: h_i' = h_i + phi_h(h_i, sum_j m_ij) (residual)."""
+    """Node-update map: dh_i = phi_h(h_i, sum_j m_ij); the layer adds the residual h_i."""
 
     def __init__(self, hidden: int) -> None:
         super().__init__()
@@ -122,20 +135,102 @@ class NodeUpdate(nn.Module):
             edge_index: (2,E) edge index; messages are summed at the receiver.
 
         Returns:
-            New node features (N,H).
+            The feature increment h_i' - h_i (N,H).
         """
         agg = _segment_sum(m, edge_index[0], h.shape[0])
-        return h + self.phi_h(torch.cat([h, agg], dim=1))
+        return self.phi_h(torch.cat([h, agg], dim=1))
+
+
+def _init_candidates(module: nn.Module, hidden: int, out: int) -> None:
+    """Adds the unconstrained candidates of one relaxed update map to ``module``.
+
+    - ``un_weight``: a dense map of the node's raw ``(x, v)`` 6-vector and its
+      features h to the update; it sees coordinate components, so it can break
+      rotation symmetry.
+    - ``un_bias``: a free bias on the update (a fixed direction for vectors).
+    - ``noise_scale``: additive Gaussian noise with a learnable scale (training only).
+
+    They start small (DESIGN.md 5) so that a small alpha means a small contribution.
+    """
+    module.un_weight = nn.Linear(2 * nbody_data.DIM + hidden, out, bias=False)
+    with torch.no_grad():
+        module.un_weight.weight.mul_(0.01)
+    module.un_bias = nn.Parameter(torch.zeros(out))
+    module.noise_scale = nn.Parameter(torch.full((), 1e-2))
+
+
+def _candidate(module: nn.Module, term: str, x: Tensor, v: Tensor, h: Tensor) -> Tensor:
+    """Evaluates the unconstrained candidate ``term`` of a relaxed update map (N, out)."""
+    if term == "weight":
+        return module.un_weight(torch.cat([x, v, h], dim=1))
+    if term == "bias":
+        return module.un_bias.expand(x.shape[0], -1)
+    if term != "noise":
+        raise ValueError(f"unknown unconstrained term {term!r}")
+    noise = torch.randn(x.shape[0], module.un_bias.shape[0], dtype=x.dtype, device=x.device)
+    return module.noise_scale * noise if module.training else torch.zeros_like(noise)
+
+
+_TERMS = {"weight": "un_weight", "bias": "un_bias", "noise": "noise_scale"}
+
+
+@recm.relaxed(inputs={"x": NODE_VECTORS, "v": NODE_VECTORS, "h": NODE_SCALARS}, terms=_TERMS)
+class RelaxedCoordUpdate(CoordUpdate):
+    """The coordinate-update map with RECM candidates on the raw (x, v, h) of each node.
+
+    ``x`` is the layer's position relative to the input graph centre, so the
+    candidates stay translation invariant and only rotation symmetry can break.
+    """
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__(hidden)
+        _init_candidates(self, hidden, nbody_data.DIM)
+
+    def equivariant(
+        self, x: Tensor, v: Tensor, h: Tensor, m: Tensor, coord_diff: Tensor, edge_index: Tensor
+    ) -> Tensor:
+        """The plain EGNN increment (see :class:`CoordUpdate`)."""
+        return CoordUpdate.forward(self, x, v, h, m, coord_diff, edge_index)
+
+    def unconstrained(
+        self, term: str, x: Tensor, v: Tensor, h: Tensor, m: Tensor, coord_diff: Tensor, edge_index: Tensor
+    ) -> Tensor:
+        """Candidate ``term`` on the raw node state (N,3)."""
+        return _candidate(self, term, x, v, h)
+
+
+@recm.relaxed(inputs={"h": NODE_SCALARS, "x": NODE_VECTORS, "v": NODE_VECTORS}, terms=_TERMS)
+class RelaxedNodeUpdate(NodeUpdate):
+    """The node-update map with RECM candidates that also see the raw (x, v) of each node."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__(hidden)
+        _init_candidates(self, hidden, hidden)
+
+    def equivariant(self, h: Tensor, m: Tensor, edge_index: Tensor, x: Tensor, v: Tensor) -> Tensor:
+        """The plain EGNN increment (see :class:`NodeUpdate`); x and v are unused here."""
+        return NodeUpdate.forward(self, h, m, edge_index)
+
+    def unconstrained(self, term: str, h: Tensor, m: Tensor, edge_index: Tensor, x: Tensor, v: Tensor) -> Tensor:
+        """Candidate ``term`` on the raw node state (N,H)."""
+        return _candidate(self, term, x, v, h)
 
 
 class EGNNLayer(nn.Module):
-    """One velocity-aware E_GCL layer: message, then coordinate and node updates."""
+    """One velocity-aware E_GCL layer: message, then coordinate and node updates.
 
-    def __init__(self, hidden: int, edge_dim: int) -> None:
+    Args:
+        hidden: Width of node features and messages.
+        edge_dim: Number of edge attributes.
+        relaxed: Use the ``@relaxed`` update maps (identical until RECM is attached).
+    """
+
+    def __init__(self, hidden: int, edge_dim: int, relaxed: bool = False) -> None:
         super().__init__()
+        self.relaxed = relaxed
         self.message = EdgeMessage(hidden, edge_dim)
-        self.coord_update = CoordUpdate(hidden)
-        self.node_update = NodeUpdate(hidden)
+        self.coord_update = (RelaxedCoordUpdate if relaxed else CoordUpdate)(hidden)
+        self.node_update = (RelaxedNodeUpdate if relaxed else NodeUpdate)(hidden)
 
     def forward(
         self, h: Tensor, x: Tensor, v: Tensor, edge_index: Tensor, edge_attr: Tensor
@@ -144,7 +239,7 @@ class EGNNLayer(nn.Module):
 
         Args:
             h: Node features (N,H).
-            x: Positions (N,3).
+            x: Positions relative to the input graph centre (N,3).
             v: Velocities (N,3).
             edge_index: (2,E) edge index.
             edge_attr: Edge attributes (E,D).
@@ -155,8 +250,9 @@ class EGNNLayer(nn.Module):
         coord_diff = x[edge_index[0]] - x[edge_index[1]]
         radial = (coord_diff**2).sum(dim=1, keepdim=True)
         m = self.message(h, radial, edge_attr, edge_index)
-        x_new = self.coord_update(x, v, h, m, coord_diff, edge_index)
-        return self.node_update(h, m, edge_index), x_new
+        x_new = x + self.coord_update(x, v, h, m, coord_diff, edge_index)
+        extra = (x, v) if self.relaxed else ()
+        return h + self.node_update(h, m, edge_index, *extra), x_new
 
 
 class EGNN(nn.Module):
@@ -165,12 +261,15 @@ class EGNN(nn.Module):
     Edge attributes are [q_i q_j, squared input distance]. Positions are
     centred per graph before the layers and the centre is added back, which
     keeps coordinates small and leaves the map translation-equivariant.
+    With ``relaxed=True`` every layer's update maps are ``@relaxed`` RECM layers.
     """
 
-    def __init__(self, in_node: int = 1, in_edge: int = 1, hidden: int = 64, n_layers: int = 4) -> None:
+    def __init__(
+        self, in_node: int = 1, in_edge: int = 1, hidden: int = 64, n_layers: int = 4, relaxed: bool = False
+    ) -> None:
         super().__init__()
         self.embedding = nn.Linear(in_node, hidden)
-        self.layers = nn.ModuleList(EGNNLayer(hidden, in_edge + 1) for _ in range(n_layers))
+        self.layers = nn.ModuleList(EGNNLayer(hidden, in_edge + 1, relaxed) for _ in range(n_layers))
 
     def forward(
         self, h: Tensor, x: Tensor, v: Tensor, edge_index: Tensor, edge_attr: Tensor, batch: Tensor
@@ -199,7 +298,7 @@ class EGNN(nn.Module):
         return x + centre
 
 
-def _predict(model: EGNN, data: dict[str, Tensor], idx: Tensor) -> tuple[Tensor, Tensor]:
+def predict(model: EGNN, data: dict[str, Tensor], idx: Tensor) -> tuple[Tensor, Tensor]:
     """Runs the model on simulations ``idx`` and returns (prediction, target)."""
     dtype = next(model.parameters()).dtype
     g = nbody_data.batch_graphs(
@@ -225,7 +324,7 @@ def evaluate(model: EGNN, data: dict[str, Tensor], batch_size: int = 500) -> flo
     n = data["loc"].shape[0]
     total = 0.0
     for idx in torch.arange(n).split(batch_size):
-        pred, y = _predict(model, data, idx)
+        pred, y = predict(model, data, idx)
         total += float(((pred - y) ** 2).sum())
     return total / (n * data["loc"].shape[1] * data["loc"].shape[2])
 
@@ -237,7 +336,7 @@ def _train_epoch(model: EGNN, opt: torch.optim.Optimizer, train: dict[str, Tenso
     perm = torch.randperm(train["loc"].shape[0], generator=gen)
     losses = []
     for idx in perm.split(batch_size):
-        pred, y = _predict(model, train, idx)
+        pred, y = predict(model, train, idx)
         loss = nn.functional.mse_loss(pred, y)
         opt.zero_grad()
         loss.backward()
