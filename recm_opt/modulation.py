@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import torch
 import torch.utils.checkpoint
@@ -201,6 +202,14 @@ class Modulation(nn.Module):
         beta_fn: the map ``k`` with ``k(0) = 1``.
     """
 
+    # Buffers and parameters, typed for readers and mypy (nn.Module.__getattr__ is untyped).
+    h: Tensor
+    gamma_t: Tensor
+    t: Tensor
+    w_alpha: nn.Parameter
+    w_beta: nn.Parameter
+    r_theta: nn.Sequential
+
     def __init__(
         self,
         terms: Sequence[str],
@@ -294,7 +303,8 @@ def is_standard(mod: Modulation) -> bool:
     if r is not None and mod.__dict__.get("_standard_r") is r:  # checked before: only changes with r_theta
         return True
     standard = (
-        all(getattr(type(mod), f) is getattr(Modulation, f) for f in ("l_theta", "coefficients", "state_value", "commit"))
+        all(getattr(type(mod), f) is getattr(Modulation, f)
+            for f in ("l_theta", "coefficients", "state_value", "commit"))
         and isinstance(r, nn.Sequential) and len(r) == 3
         and isinstance(r[0], nn.Linear) and type(r[1]) is nn.GELU and isinstance(r[2], nn.Linear)
         and r[1].approximate == "none" and r[0].bias is not None and r[2].bias is not None
@@ -305,12 +315,15 @@ def is_standard(mod: Modulation) -> bool:
     return standard
 
 
+def _r_theta_tensors(mod: Modulation) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(W1, b1, W2, b2)`` of a standard modulation's ``r_theta``."""
+    first, last = cast(nn.Linear, mod.r_theta[0]), cast(nn.Linear, mod.r_theta[2])
+    return first.weight, first.bias, last.weight, last.bias
+
+
 def _stacked_r_theta(mods: Sequence[Modulation], x: Tensor) -> Tensor:
     """``r_theta`` of G standard modulations with equal shapes in one call: ``(G, R, d) -> (G, R, m)``."""
-    w1 = torch.stack([m.r_theta[0].weight for m in mods])
-    b1 = torch.stack([m.r_theta[0].bias for m in mods])
-    w2 = torch.stack([m.r_theta[2].weight for m in mods])
-    b2 = torch.stack([m.r_theta[2].bias for m in mods])
+    w1, b1, w2, b2 = (torch.stack(list(ts)) for ts in zip(*(_r_theta_tensors(m) for m in mods)))
     hidden = nn.functional.gelu(torch.baddbmm(b1.unsqueeze(1), x, w1.transpose(1, 2)))
     return torch.baddbmm(b2.unsqueeze(1), hidden, w2.transpose(1, 2))
 
@@ -382,7 +395,5 @@ def _stacked_coefficients(mods: Sequence[Modulation], r: Tensor) -> None:
     with torch.enable_grad():  # the per-layer views must stay on the graph (step() runs under no_grad)
         alphas, betas = alpha.unbind(), beta.unbind()
     for mod, a, b in zip(mods, alphas, betas):
-        r_theta = mod.r_theta
-        tensors = (mod.h, mod.gamma_t, mod.w_alpha, mod.w_beta, r_theta[0].weight, r_theta[0].bias,
-                   r_theta[2].weight, r_theta[2].bias)
+        tensors = (mod.h, mod.gamma_t, mod.w_alpha, mod.w_beta, *_r_theta_tensors(mod))
         mod._precomputed = _Precomputed((a, b), mod.newest, tensors, graph)

@@ -35,8 +35,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .groups import Group, SO3Generators
 from . import modulation
+from .groups import Group, SO3Generators
 from .modulation import (
     Modulation,
     _foreach_commit,
@@ -364,7 +364,7 @@ class RECMOptimizer(Optimizer):
 
     def _pair_all(self, layers: list[_Layer], target: Tensor | None) -> None:
         new: list[tuple[_Layer, Tensor, int, int]] = []
-        self._target_cache = None
+        self._target_cache: tuple[Tensor, Tensor, dict[str, int]] | None = None
         try:
             for layer in layers:
                 for found, epoch in zip(layer.inputs, layer.input_epochs):
@@ -384,14 +384,16 @@ class RECMOptimizer(Optimizer):
 
     def _target_view(self, target: Tensor, where: str) -> tuple[Tensor, dict[str, int]]:
         # One target is paired with every layer: rearrange it once per observe().
-        if self._target_cache is None or self._target_cache[0] is not target:
+        cached = self._target_cache
+        if cached is None or cached[0] is not target:
             assert self.target is not None
             v, units = self.target.unit_view(target.detach(), where)
-            self._target_cache = (target, v, units)
-        return self._target_cache[1], self._target_cache[2]
+            self._target_cache = cached = (target, v, units)
+        return cached[1], cached[2]
 
     def _sample(self, layer: _Layer, found: list, target: Tensor | None) -> tuple[Tensor, int]:
-        views, grid = [], {}
+        views: list[tuple[Representation, Tensor, dict[str, int]]] = []
+        grid: dict[str, int] = {}
         for name, rep, v, units in found:
             _merge_units(grid, units, f"layer {layer.name!r}, input {name!r}")
             views.append((rep, v, units))
@@ -409,7 +411,7 @@ class RECMOptimizer(Optimizer):
         multi = None  # every unit kept: rows in row-major order, no gather index
         if total > self.max_units:
             idx = torch.randperm(total, generator=self._rng)[: self.max_units]
-            index = torch.stack(torch.unravel_index(idx, tuple(grid.values())))
+            index = _unravel(idx, tuple(grid.values()))
             multi = dict(zip(grid, _to_device(index, views[0][1].device).unbind()))  # one copy, no sync
         parts = [self._stack(rep, v, units, grid, multi) for rep, v, units in views]
         if len(parts) == 1:
@@ -425,7 +427,7 @@ class RECMOptimizer(Optimizer):
         rows = _all_units(v, units, grid) if multi is None else v[tuple(multi[u] for u in units)]
         if not rows.is_floating_point():
             rows = rows.to(torch.get_default_dtype())
-        rows = rows.reshape(len(rows), -1) if rows.dim() > 1 else rows[:, None]
+        rows = rows.reshape(rows.shape[0], -1) if rows.dim() > 1 else rows[:, None]
         feat = rows.reshape(rows.shape[0], *v.shape[len(units):]) if v.dim() > len(units) else rows
         moved = self._act(rep, feat)  # (k, S, *features)
         return rows, moved.reshape(moved.shape[0], rows.shape[0], -1)
@@ -842,6 +844,17 @@ def _all_units(v: Tensor, units: dict[str, int], grid: dict[str, int]) -> Tensor
     v = v.permute(*[names.index(u) for u in grid if u in units], *range(len(units), v.dim()))
     shape = [grid[u] if u in units else 1 for u in grid]
     return v.reshape(*shape, *feat).expand(*grid.values(), *feat).reshape(-1, *feat)
+
+
+def _unravel(idx: Tensor, sizes: tuple[int, ...]) -> Tensor:
+    """``torch.stack(torch.unravel_index(idx, sizes))`` without its per-call Python checks."""
+    if len(sizes) == 1:
+        return idx[None]
+    out = []
+    for n in reversed(sizes):
+        out.append(idx % n)
+        idx = idx // n
+    return torch.stack(out[::-1])
 
 
 def _nonfinite_probes(samples: list[Tensor]) -> list[Tensor]:

@@ -23,7 +23,7 @@ from recm_opt.modulation import (
     _stacked_r_theta,
     project_norm_,
 )
-from recm_opt.optimizer import _all_units
+from recm_opt.optimizer import _all_units, _unravel
 
 # float64 throughout: bmm against linear, and a batched sum against a loop, differ by a few ulps.
 TOL = 1e-12
@@ -195,3 +195,74 @@ def test_batched_step_equals_per_layer_reference(seed: int, batch: int, max_unit
         torch.testing.assert_close(ma.newest, mb.newest, atol=TOL, rtol=TOL)
         assert int(ma.t) == int(mb.t)
     assert fast_live == ref_live
+
+
+@given(seed=seeds(), sizes=st.lists(st.integers(1, 6), min_size=1, max_size=3))
+def test_unravel_equals_torch_unravel_index(seed: int, sizes: list[int]) -> None:
+    """The optimizer's unravel gives torch.unravel_index's multi-index."""
+    idx = torch.randperm(math.prod(sizes), generator=rng(seed))
+    expected = torch.stack(torch.unravel_index(idx, tuple(sizes)))
+    assert torch.equal(_unravel(idx, tuple(sizes)), expected)
+
+
+def _after_one_step(seed: int = 0) -> tuple[nn.Module, recm.RECMOptimizer, Tensor, Tensor]:
+    torch.manual_seed(seed)
+    model = _Net().double()
+    opt = recm.RECMOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, target=recm.Vector("b xyz"), a=0.5)
+    g = rng(seed)
+    x, y = torch.randn(6, 4, 3, generator=g, dtype=torch.float64), torch.randn(6, 3, generator=g, dtype=torch.float64)
+    for _ in range(2):  # r_theta is lazy: the first step materialises it on the per-layer path
+        (model(x) - y).pow(2).mean().backward()
+        opt.step(target=y)
+        opt.zero_grad()
+    return model, opt, x, y
+
+
+def _grads(model: nn.Module, x: Tensor, y: Tensor, forwards: int = 1) -> dict[str, Tensor]:
+    torch.manual_seed(1)  # the noise term draws from the global generator
+    for _ in range(forwards):
+        (model(x) - y).pow(2).mean().backward()
+    out = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    return out
+
+
+@pytest.mark.parametrize("forwards", [1, 2])
+def test_precomputed_coefficients_give_the_per_layer_gradients(forwards: int) -> None:
+    """After a step, forwards using the step-time coefficients give the gradients of per-layer ones.
+
+    With two forwards before backward both share the stored graph; the second of two
+    forward-backward rounds (gradient accumulation) finds it consumed and recomputes.
+    """
+    model, _, x, y = _after_one_step()
+    assert all(layer.recm_modulation._precomputed.get(layer.recm_modulation) is not None for layer in model.layers)
+    fast = _grads(model, x, y, forwards)
+    again = _grads(model, x, y)  # the graph is consumed: per-layer path
+    with mock.patch.object(recm.modulation, "PRECOMPUTE", False):
+        ref_model, _, _, _ = _after_one_step()
+    ref = _grads(ref_model, x, y, forwards)
+    ref_again = _grads(ref_model, x, y)
+    assert set(fast) == set(ref)
+    for name in ref:
+        torch.testing.assert_close(fast[name], ref[name], atol=TOL, rtol=TOL, msg=name)
+        torch.testing.assert_close(again[name], ref_again[name], atol=TOL, rtol=TOL, msg=name)
+
+
+def test_precomputed_coefficients_follow_in_place_changes_and_copies() -> None:
+    """An in-place change to w_alpha after the step is seen by the next forward; deep copies work."""
+    import copy
+
+    model, _, x, _ = _after_one_step()
+    mod = model.layers[1].recm_modulation
+    alpha_before = mod.coefficients(with_grad=True)[0].detach().clone()
+    with torch.no_grad():
+        mod.w_alpha.mul_(-1.0)
+    assert mod._precomputed.get(mod) is None
+    torch.testing.assert_close(mod.coefficients(with_grad=True)[0], mod.coefficients()[0], atol=TOL, rtol=TOL)
+    assert not torch.allclose(mod.coefficients()[0], alpha_before)
+    clone = copy.deepcopy(model)  # AveragedModel does this: a graph cannot be deep-copied
+    outputs = []
+    for m in (clone, model):
+        torch.manual_seed(2)  # the same noise draws
+        outputs.append(m(x))
+    torch.testing.assert_close(outputs[0], outputs[1], atol=TOL, rtol=TOL)
