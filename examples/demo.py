@@ -18,8 +18,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import recm_opt as recm  # noqa: E402
 from vector_model import VectorNet, make_task  # noqa: E402
+
+import recm_opt as recm  # noqa: E402
 
 try:
     from tqdm import tqdm
@@ -28,7 +29,9 @@ except ImportError:  # progress bars are optional
         return it
 
 
-def train(broken: float, steps: int, batch: int = 64, seed: int = 0) -> tuple[torch.nn.Module, recm.RECMOptimizer, dict]:
+def train(
+    broken: float, steps: int, batch: int = 64, seed: int = 0
+) -> tuple[torch.nn.Module, recm.RECMOptimizer, dict]:
     """Train one run; return the model, its optimizer and alpha per layer and term over steps."""
     torch.manual_seed(seed)
     model = VectorNet()

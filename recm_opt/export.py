@@ -9,12 +9,15 @@ gone together with their parameters, and no hook or modulation remains.
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 
 from .tagging import _BAKED, _MODULATION, get_relaxation
+
+if TYPE_CHECKING:
+    from .modulation import Modulation
 
 __all__ = ["export", "format_report", "layer_row", "parameter_overhead"]
 
@@ -50,7 +53,7 @@ def layer_row(name: str, module: nn.Module, skipped: int = 0) -> dict[str, Any]:
     tag = get_relaxation(module)
     if tag is None:
         raise ValueError(f"{name!r} is not a @relaxed layer")
-    mod = module._modules.get(_MODULATION)
+    mod = cast("Modulation | None", module._modules.get(_MODULATION))
     mod_ids = {id(p) for p in mod.parameters()} if mod is not None else set()
     term_ids = {t: _term_param_ids(module, attrs) for t, attrs in tag.terms.items()}
     with torch.no_grad():
@@ -145,7 +148,7 @@ def export(model: nn.Module, eps: float | None = None) -> nn.Module:
     out = copy.deepcopy(model)
     for module in out.modules():
         tag = get_relaxation(module)
-        mod = module._modules.get(_MODULATION) if tag is not None else None
+        mod = cast("Modulation | None", module._modules.get(_MODULATION) if tag is not None else None)
         if tag is None or mod is None:
             continue
         alpha, beta = mod.coefficients()

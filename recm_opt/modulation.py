@@ -209,6 +209,8 @@ class Modulation(nn.Module):
     w_alpha: nn.Parameter
     w_beta: nn.Parameter
     r_theta: nn.Sequential
+    beta_fn: Callable[[Tensor], Tensor]
+    prune_eps: float  # set by the optimizer that attaches the modulation
 
     def __init__(
         self,
@@ -288,7 +290,7 @@ class Modulation(nn.Module):
         self.gamma_t.copy_(gamma(self.t.to(self.h.dtype), a, b))
         self.h.mul_(1 - self.gamma_t).add_(self.gamma_t * l.to(self.h.dtype))
 
-    def extra_repr(self) -> str:
+    def extra_repr(self) -> str:  # noqa: D102
         return f"terms={self.terms}, state_dim={self.h.numel()}"
 
 

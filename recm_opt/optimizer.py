@@ -19,127 +19,51 @@ discards the captures whose backward has already run, so a step that GradScaler
 skips leaves no statistics behind. Under DDP, ``l_theta`` is averaged over ranks
 and the modulation parameters' gradients are all-reduced, so every rank holds the
 same h.
+
+The optimizer is split by concern; this module keeps the class, its validation and
+``step()`` with the maths of the update (``l_theta`` means, ``h`` commits, liveness,
+projections). Its other halves live in private modules: ``_layers`` (finding and
+attaching tagged layers), ``_capture`` (hooks, pairing, subsampling, group actions),
+``_checkpoint`` (``state_dict`` / ``load_state_dict``), ``_distributed`` (DDP) and
+``_device`` (host-sync helpers).
 """
 
 from __future__ import annotations
 
-import math
 import warnings
-import weakref
-from collections.abc import Callable, Iterator, Mapping
-from itertools import chain
+from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from . import modulation
+from ._capture import _all_units, _CaptureMixin, _drop_backed, _unravel  # noqa: F401  (_all_units, _unravel: tests)
+from ._checkpoint import _CheckpointMixin
+from ._device import _host_flags, _to_device
+from ._distributed import _all_reduce_mean, _DistributedMixin
+from ._layers import _Layer, _LayersMixin, layer_name
 from .groups import Group, SO3Generators
 from .modulation import (
-    Modulation,
     _foreach_commit,
     _foreach_project_norm_,
-    _in_reentrant_recompute,
     _stacked_alpha,
     _stacked_coefficients,
     _stacked_r_theta,
     is_standard,
     one_plus_tanh,
 )
-from .reps import Invariant, Irreps, Representation, Vector
-from .tagging import _MODULATION, Relaxation, get_relaxation
+from .reps import Invariant, Representation
 
 __all__ = ["RECMOptimizer", "layer_name"]
 
-_PREFIXES = ("_orig_mod", "module")
+
+# Representations are immutable, so one shared default is safe: an invariant, batch-first target.
+_DEFAULT_TARGET = Invariant("b ...")
 
 
-def layer_name(name: str) -> str:
-    """Strip the ``_orig_mod.`` (torch.compile) and ``module.`` (DDP) path segments from a name.
-
-    Example:
-        >>> layer_name("_orig_mod.module.enc.0")
-        'enc.0'
-    """
-    return ".".join(p for p in name.split(".") if p not in _PREFIXES)
-
-
-def _in_backward() -> bool:
-    # Activation-checkpoint recomputation runs inside the autograd engine; its
-    # forwards repeat units already captured, so they must not be counted again.
-    fn = getattr(torch._C, "_current_graph_task_id", None)
-    return fn is not None and fn() != -1
-
-
-def _param_count(params: Iterator[nn.Parameter]) -> int:
-    return sum(p.numel() for p in params if not isinstance(p, nn.parameter.UninitializedParameter))
-
-
-class _Layer:
-    """Book-keeping for one tagged layer: its modulation, pending captures and counters."""
-
-    def __init__(self, name: str, module: nn.Module, mod: Modulation) -> None:
-        self.name, self.module, self.mod = name, module, mod
-        tag = get_relaxation(module)
-        assert tag is not None
-        self.tag = tag
-        params = [p for p in __import__("inspect").signature(module.equivariant).parameters]
-        self.positions = {n: params.index(n) for n in tag.inputs}
-        self.inputs: list[list[tuple[str, Representation, Tensor, dict[str, int]]]] = []  # unit views awaiting a target
-        self.samples: list[tuple[Tensor, int]] = []  # (stacked sample, units it stands for)
-        self.skipped = 0
-        self.warned = False
-        # Backward passes through this layer so far, and the count at each pending
-        # capture: zero_grad() drops captures whose gradient it drops.
-        self.backwards = 0
-        self.input_epochs: list[int] = []
-        self.sample_epochs: list[int] = []
-        self.term_params = {
-            t: [p for a in attrs for p in _attr_params(module, a)] for t, attrs in tag.terms.items()
-        }
-
-
-def _freeze_until_materialized(mod: nn.Module) -> None:
-    """Keep lazy (shape-less) parameters out of gradient work until their first batch.
-
-    ``r_theta``'s input width is known only at the first captured batch. Until then its
-    uninitialised parameters have ``requires_grad=False``, so DCP's zero-gradient
-    initialisation (``zeros_like`` on every trainable parameter) and optimizers skip
-    them. They thaw once materialised: by the first forward (a pre-hook that runs
-    right after the lazy module's own) or by loading a state dict.
-    """
-    for sub in mod.modules():
-        lazy: list[nn.Parameter] = [
-            p for p in sub.parameters(recurse=False) if isinstance(p, nn.parameter.UninitializedParameter)
-        ]
-        if not lazy:
-            continue
-        for p in lazy:
-            p.requires_grad = False
-        handles: list[Any] = []
-
-        def thaw(*_: Any, lazy: list[nn.Parameter] = lazy, handles: list[Any] = handles) -> None:
-            if not any(isinstance(p, nn.parameter.UninitializedParameter) for p in lazy):
-                for p in lazy:
-                    p.requires_grad = True
-                for handle in handles:
-                    handle.remove()
-
-        handles += [sub.register_forward_pre_hook(thaw), sub.register_load_state_dict_post_hook(thaw)]
-
-
-def _attr_params(module: nn.Module, attr: str) -> list[nn.Parameter]:
-    obj = getattr(module, attr, None)
-    if isinstance(obj, nn.Parameter):
-        return [obj]
-    if isinstance(obj, nn.Module):
-        return list(obj.parameters())
-    raise ValueError(f"term attribute {attr!r} of {type(module).__name__} is not a parameter or submodule")
-
-
-class RECMOptimizer(Optimizer):
+class RECMOptimizer(_CaptureMixin, _CheckpointMixin, _DistributedMixin, _LayersMixin, Optimizer):
     """Recurrent Equivariant Constraint Modulation around any ``torch.optim.Optimizer``.
 
     Args:
@@ -191,7 +115,7 @@ class RECMOptimizer(Optimizer):
         optimizer: Optimizer,
         model: nn.Module,
         group: Group | None = None,
-        target: Representation | None = Invariant("b ..."),
+        target: Representation | None = _DEFAULT_TARGET,
         a: float = 1e-3,
         b: float = 1.0,
         state_dim: int = 16,
@@ -236,216 +160,6 @@ class RECMOptimizer(Optimizer):
         self._pending_rebuild: list[_Layer] = []
         self._hooks = [handle for layer in self._layers for handle in self._register_hooks(layer)]
         self._project()  # feasible from t = 0, so a step that moves nothing projects nothing
-
-    # ------------------------------------------------------------------ set-up
-    def _attach(self, model: nn.Module, state_dim: int, hidden: int, seed: int,
-                beta_fn: Callable[[Tensor], Tensor], skip_pruned: bool) -> list[_Layer]:
-        layers = []
-        for name, module, tag in self._find_layers(model):  # all checks first: a failure leaves the model as it was
-            mod = self._make_modulation(tag.term_names, state_dim, hidden, seed + 7919 * len(layers), beta_fn)
-            ref = next(iter(module.parameters()), None)
-            if ref is not None:
-                mod.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
-            mod.train_all_live = not skip_pruned
-            mod.prune_eps = self.prune_eps
-            _freeze_until_materialized(mod)
-            module.add_module(_MODULATION, mod)
-            layers.append(_Layer(name, module, mod))
-        return layers
-
-    def _make_modulation(self, terms: tuple[str, ...], state_dim: int, hidden: int, seed: int,
-                         beta_fn: Callable[[Tensor], Tensor]) -> Modulation:
-        """Create one layer's modulation; relaxation policies (:mod:`recm_opt.policies`) override it."""
-        return Modulation(terms, state_dim, hidden, seed, beta_fn)
-
-    def _find_layers(self, model: nn.Module) -> list[tuple[str, nn.Module, Relaxation]]:
-        """Return the tagged layers by stable name, after checking each one can be modulated."""
-        inner_params = {id(p) for g in self.inner.param_groups for p in g["params"]}
-        found = []
-        for name, module in model.named_modules():
-            tag = get_relaxation(module)
-            if tag is None:
-                continue
-            name = layer_name(name) or type(module).__name__
-            if _MODULATION in module._modules:
-                raise ValueError(f"layer {name!r} is already registered with another RECMOptimizer")
-            missing = [n for n, p in module.named_parameters() if id(p) not in inner_params]
-            if missing:
-                raise ValueError(f"layer {name!r}: parameters {missing} are not in the inner optimizer")
-            for attrs in tag.terms.values():
-                for attr in attrs:
-                    _attr_params(module, attr)
-            self._check_static_reps(name, tag.inputs)
-            found.append((name, module, tag))
-        if found and isinstance(self.target, Vector):
-            self._check_group(self.target, self.target.size, "target")
-        return found
-
-    def _check_static_reps(self, name: str, inputs: Mapping[str, Representation]) -> None:
-        """Fail at construction when a vector or irreps input cannot be acted on by the group."""
-        for arg, rep in inputs.items():
-            size = rep.size if isinstance(rep, Vector) else 3 if isinstance(rep, Irreps) else None
-            if size is not None:
-                self._check_group(rep, size, f"layer {name!r}, input {arg!r}")
-
-    def _check_group(self, rep: Representation, size: int, where: str) -> None:
-        if rep.axis is None or (id(rep), size) in self._group_checked:
-            return
-        try:
-            rep.matrices(self.group, self._generators[:1], size)
-        except ValueError as err:
-            raise ValueError(f"{where}: {rep!r} does not match the group {self.group!r} ({err})") from err
-        self._group_checked.add((id(rep), size))
-
-    def _register_hooks(self, layer: _Layer) -> list[Any]:
-        opt_ref, layer_ref = weakref.ref(self), weakref.ref(layer.module)
-
-        @torch._dynamo.disable
-        def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            opt = opt_ref()
-            # Deep copies (AveragedModel) keep this hook: only the original layer counts.
-            if opt is None or module is not layer_ref() or not module.training:
-                return
-            if _in_backward():  # checkpoint recomputation: captured in forward unless reentrant
-                # (reentrant checkpointing runs its forward under no_grad: the recomputation
-                # in its backward is then the one capture)
-                if not _in_reentrant_recompute():
-                    return
-            elif not torch.is_grad_enabled():  # update_bn, inference under no_grad
-                return
-            if opt._pending_rebuild:  # first training forward after a load
-                opt._rebuild_precomputed(opt._pending_rebuild)
-                opt._pending_rebuild = []
-            opt._capture(layer, args, kwargs)
-
-        def backed(_: Tensor) -> None:
-            # w_beta is used by every training forward, so its gradient marks a backward
-            # through the layer: captures made before it belong to that gradient.
-            layer.backwards += 1
-
-        return [layer.module.register_forward_pre_hook(capture, with_kwargs=True),
-                layer.mod.w_beta.register_post_accumulate_grad_hook(backed)]
-
-    # --------------------------------------------------------------- capturing
-    def _capture(self, layer: _Layer, args: tuple, kwargs: dict) -> None:
-        found = []
-        for name, rep in layer.tag.inputs.items():
-            pos = layer.positions[name]
-            x = args[pos] if pos < len(args) else kwargs.get(name)
-            if isinstance(x, Tensor):
-                # Validate now, so a bad shape fails in the user's forward; _sample reuses the unit view.
-                where = f"layer {layer.name!r}, input {name!r}"
-                v, units = rep.unit_view(x.detach(), where)
-                if rep.axis is not None:
-                    self._check_group(rep, v.shape[rep._axis_dim()], where)
-                found.append((name, rep, v, units))
-        if found:
-            layer.inputs.append(found)
-            layer.input_epochs.append(layer.backwards)
-        if self.target is None:
-            self._pair(layer, None)
-
-    @torch.no_grad()
-    def observe(self, target: Tensor) -> None:
-        """Pair the inputs captured since the last ``observe`` with the model's ``target``.
-
-        Call it once per forward pass, before ``step()`` (e.g. in Lightning's
-        ``training_step``). ``step(target=y)`` calls it for you.
-
-        Raises:
-            ValueError: if ``target`` does not match a layer's units or its representation.
-        """
-        if not isinstance(target, Tensor):
-            raise TypeError(f"target must be a Tensor, got {type(target).__name__}")
-        self._pair_all(self._layers, target)  # one host sync for every layer's samples
-
-    def _pair(self, layer: _Layer, target: Tensor | None) -> None:
-        self._pair_all([layer], target)
-
-    def _pair_all(self, layers: list[_Layer], target: Tensor | None) -> None:
-        new: list[tuple[_Layer, Tensor, int, int]] = []
-        self._target_cache: tuple[Tensor, Tensor, dict[str, int]] | None = None
-        try:
-            for layer in layers:
-                for found, epoch in zip(layer.inputs, layer.input_epochs):
-                    sample, units = self._sample(layer, found, target)
-                    new.append((layer, sample, units, epoch))
-                layer.inputs, layer.input_epochs = [], []
-        finally:
-            self._target_cache = None
-            # One host sync for every new sample, not one per layer: a NaN/Inf batch never reaches h.
-            finite = _host_flags([_isfinite_each(_nonfinite_probes([s for _, s, _, _ in new]))]) if new else []
-            for (layer, sample, units, epoch), ok in zip(new, finite):
-                if not ok:
-                    layer.skipped += 1
-                    continue
-                layer.samples.append((sample, units))
-                layer.sample_epochs.append(epoch)
-
-    def _target_view(self, target: Tensor, where: str) -> tuple[Tensor, dict[str, int]]:
-        # One target is paired with every layer: rearrange it once per observe().
-        cached = self._target_cache
-        if cached is None or cached[0] is not target:
-            assert self.target is not None
-            v, units = self.target.unit_view(target.detach(), where)
-            self._target_cache = cached = (target, v, units)
-        return cached[1], cached[2]
-
-    def _sample(self, layer: _Layer, found: list, target: Tensor | None) -> tuple[Tensor, int]:
-        views: list[tuple[Representation, Tensor, dict[str, int]]] = []
-        grid: dict[str, int] = {}
-        for name, rep, v, units in found:
-            _merge_units(grid, units, f"layer {layer.name!r}, input {name!r}")
-            views.append((rep, v, units))
-        if target is not None:
-            assert self.target is not None
-            where = f"layer {layer.name!r}, target"
-            v, units = self._target_view(target, where)
-            if self.target.axis is not None:
-                self._check_group(self.target, v.shape[self.target._axis_dim()], where)
-            if not set(units) <= set(grid) or any(grid[u] != n for u, n in units.items()):
-                raise ValueError(f"{where}: target units {units} (shape {tuple(target.shape)}) do not match "
-                                 f"the layer's input units {grid}")
-            views.append((self.target, v, units))
-        total = math.prod(grid.values())
-        multi = None  # every unit kept: rows in row-major order, no gather index
-        if total > self.max_units:
-            idx = torch.randperm(total, generator=self._rng)[: self.max_units]
-            index = _unravel(idx, tuple(grid.values()))
-            multi = dict(zip(grid, _to_device(index, views[0][1].device).unbind()))  # one copy, no sync
-        parts = [self._stack(rep, v, units, grid, multi) for rep, v, units in views]
-        if len(parts) == 1:
-            return torch.cat([parts[0][0][None], parts[0][1]]), total
-        # (1 + k, S, d): the identity copy, then each generator's; features in input order, target last
-        ids, moved = torch.cat([p[0] for p in parts], -1), torch.cat([p[1] for p in parts], -1)
-        return torch.cat([ids[None], moved]), total
-
-    def _stack(self, rep: Representation, v: Tensor, units: dict[str, int], grid: dict[str, int],
-               multi: dict[str, Tensor] | None) -> tuple[Tensor, Tensor]:
-        """The rows ``(S, f)`` of one input (or the target) and their generator copies ``(k, S, f)``."""
-        # (S, *features): the kept units, or every unit of the grid in row-major order
-        rows = _all_units(v, units, grid) if multi is None else v[tuple(multi[u] for u in units)]
-        if not rows.is_floating_point():
-            rows = rows.to(torch.get_default_dtype())
-        rows = rows.reshape(rows.shape[0], -1) if rows.dim() > 1 else rows[:, None]
-        feat = rows.reshape(rows.shape[0], *v.shape[len(units):]) if v.dim() > len(units) else rows
-        moved = self._act(rep, feat)  # (k, S, *features)
-        return rows, moved.reshape(moved.shape[0], rows.shape[0], -1)
-
-    def _act(self, rep: Representation, x: Tensor) -> Tensor:
-        """``rep.act`` over the generators; the default action's matrices are built and moved once."""
-        if type(rep).act is not Representation.act:  # Invariant, Custom, ...: their own action
-            return rep.act(self.group, self._generators, x)
-        d = rep._axis_dim()
-        key = (id(rep), x.shape[d], x.dtype, x.device)
-        cache = self.__dict__.setdefault("_matrices", {})
-        if key not in cache:  # keep rep alive with its matrices, so that id(rep) stays unique
-            cache[key] = (rep, rep.matrices(self.group, self._generators, x.shape[d]).to(dtype=x.dtype,
-                                                                                         device=x.device))
-        D, xm = cache[key][1], x.movedim(d, -1)
-        # x' = x @ D(g).T for every g: one (k f, f) x (f, rows) matmul, cheaper than einsum's dispatch
-        out = torch.matmul(D, xm.reshape(-1, xm.shape[-1]).mT).mT
-        return out.reshape(len(D), *xm.shape).movedim(-1, d)
 
     # -------------------------------------------------------------------- step
     @torch.no_grad()
@@ -637,27 +351,6 @@ class RECMOptimizer(Optimizer):
             k = len(layer.mod.terms)
             layer.mod.live, flags = tuple(flags[:k]), flags[k:]
 
-    def _sync_grads(self) -> None:
-        if not _distributed():
-            return
-        params = [p for layer in self._layers for p in layer.mod.parameters()]  # same list on every rank
-        if not params:
-            return
-        has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=params[0].device)
-        dist.all_reduce(has)
-        grads: list[Tensor] = []
-        for p, h in zip(params, has.tolist()):
-            if h > 0:  # a rank without this gradient contributes zeros to the average
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                grads.append(p.grad)
-        if grads:
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat)
-            flat /= dist.get_world_size()
-            for g, part in zip(grads, flat.split([g.numel() for g in grads])):
-                g.copy_(part.view_as(g))
-
     # ------------------------------------------------------ optimizer plumbing
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Forwarded to the inner optimizer (which shares this optimizer's param groups).
@@ -677,135 +370,6 @@ class RECMOptimizer(Optimizer):
             return super().add_param_group(param_group)
         self.inner.add_param_group(param_group)
 
-    def state_dict(self) -> dict[str, Any]:
-        """Return the inner state dict with each layer's RECM state under its ``w_beta`` entry.
-
-        Keys are ``recm_*`` inside ``state[i]``, so the dict keeps the standard
-        ``{state, param_groups}`` shape that distributed checkpointing expects, and
-        holds only tensors and plain Python values.
-        """
-        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
-            pre_hook(self)
-        sd = self.inner.state_dict()
-        index = {id(p): i for i, p in enumerate(chain.from_iterable(g["params"] for g in self.param_groups))}
-        for layer in self._layers:
-            i = index[id(layer.mod.w_beta)]
-            sd["state"][i] = {**sd["state"].get(i, {}), **self._layer_state(layer)}
-        for post_hook in self._optimizer_state_dict_post_hooks.values():
-            result = post_hook(self, sd)
-            sd = result if result is not None else sd
-        return sd
-
-    def _layer_state(self, layer: _Layer) -> dict[str, Tensor]:
-        mod = layer.mod
-        newest = mod.newest if mod.newest is not None else torch.zeros(0)
-        return {"recm_h": mod.h.clone(), "recm_t": mod.t.clone(), "recm_gamma": mod.gamma_t.clone(),
-                "recm_newest": newest.clone(), "recm_skipped": torch.tensor(layer.skipped),
-                "recm_skipped_steps": torch.tensor(self.skipped_steps), "recm_rng": self._rng.get_state(),
-                "recm_batched": torch.tensor(_has_precomputed(mod))}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict from :meth:`state_dict`, or a plain inner-optimizer one (fresh RECM state).
-
-        The param groups and the state stay the same objects (updated in place), so
-        schedulers and wrappers that hold them keep seeing the inner optimizer's.
-        """
-        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
-            result = pre_hook(self, state_dict)
-            state_dict = result if result is not None else state_dict
-        groups = [dict(g) for g in state_dict["param_groups"]]
-        state = {k: dict(v) for k, v in state_dict["state"].items()}
-        recm = {k: {n: v.pop(n) for n in list(v) if n.startswith("recm_")} for k, v in state.items()}
-        state = {k: v for k, v in state.items() if v}
-        if self._layers and not any(g.get("recm") for g in groups):
-            warnings.warn("state dict has no RECM param group (a plain optimizer checkpoint?): "
-                          "loading the inner state and starting fresh RECM state", stacklevel=2)
-            groups = self._with_fresh_recm_group(groups)
-        self._load_inner({"state": state, "param_groups": groups})
-        saved = list(chain.from_iterable(g["params"] for g in groups))
-        current = [id(p) for p in chain.from_iterable(g["params"] for g in self.param_groups)]
-        batched = []
-        for layer in self._layers:
-            entry = recm.get(saved[current.index(id(layer.mod.w_beta))], {})
-            if entry:
-                self._restore(layer, entry)
-                batched += [layer] if bool(entry.get("recm_batched", False)) else []
-            else:
-                self._reset(layer)
-        self._refresh_live()
-        # Rebuilt at the next training forward: DCP's set_state_dict loads the model after
-        # the optimizer, and loading parameters invalidates what a rebuild now would make.
-        self._pending_rebuild = batched
-        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
-            post_hook(self)
-
-    def _load_inner(self, state_dict: dict[str, Any]) -> None:
-        # Optimizer.load_state_dict replaces param_groups and state with new objects;
-        # copy them back into the shared ones so that the sharing survives a resume.
-        groups, state = self.param_groups, self.state
-        self.inner.load_state_dict(state_dict)
-        for old, new in zip(groups, self.inner.param_groups):
-            old.clear()
-            old.update(new)
-        state.clear()
-        state.update(self.inner.state)
-        self.inner.param_groups, self.inner.state = groups, state
-
-    def _with_fresh_recm_group(self, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        pos = next(i for i, g in enumerate(self.param_groups) if g.get("recm"))
-        start = 1 + max(chain.from_iterable(g["params"] for g in groups), default=-1)
-        ours = {k: v for k, v in self.param_groups[pos].items() if k != "params"}
-        ours["params"] = list(range(start, start + len(self.param_groups[pos]["params"])))
-        return groups[:pos] + [ours] + groups[pos:]
-
-    def _restore(self, layer: _Layer, entry: dict[str, Tensor]) -> None:
-        mod = layer.mod
-        mod.h.copy_(entry["recm_h"])
-        mod.t.copy_(entry["recm_t"])
-        mod.gamma_t.copy_(entry["recm_gamma"])
-        newest = entry["recm_newest"]
-        mod.newest = newest.to(device=mod.h.device, dtype=mod.h.dtype) if newest.numel() else None
-        layer.skipped = int(entry["recm_skipped"])
-        self.skipped_steps = int(entry.get("recm_skipped_steps", self.skipped_steps))
-        self._rng.set_state(entry["recm_rng"])
-        layer.inputs, layer.input_epochs, layer.samples, layer.sample_epochs = [], [], [], []
-
-    def _rebuild_precomputed(self, layers: list[_Layer]) -> None:
-        """Rebuild the batched training coefficients the saved run held for its next forward.
-
-        ``step()`` leaves each layer's next-forward ``(alpha, beta)`` computed in one batched
-        graph (:func:`~recm_opt.modulation._stacked_coefficients`); a freshly loaded optimizer
-        would compute them per layer, which rounds differently. They are a function of the
-        restored state, so the same code path as in ``step()`` (``_l_means`` on the newest
-        sample, grouped alike) rebuilds them bit for bit, and a resumed run continues exactly.
-        """
-        if not layers or not modulation.PRECOMPUTE:
-            return
-        pending = [(layer, layer.samples) for layer in self._layers]
-        for layer in self._layers:
-            newest = layer.mod.newest
-            layer.samples = [(newest, newest.shape[1])] if layer in layers and newest is not None else []
-        try:
-            _, stacked = self._l_means()
-            for group, x, r in stacked:
-                if r.requires_grad:
-                    for layer, sample in zip(group, x.unbind()):
-                        layer.mod.newest = sample
-                    _stacked_coefficients([layer.mod for layer in group], r)
-        finally:
-            for layer, samples in pending:
-                layer.samples = samples
-
-    def _reset(self, layer: _Layer) -> None:
-        """Fresh RECM state (t = 0, h = 0), for a checkpoint that has none for this layer."""
-        mod = layer.mod
-        mod.h.zero_()
-        mod.t.zero_()
-        mod.gamma_t.zero_()
-        mod.newest = None
-        layer.skipped = 0
-        layer.inputs, layer.input_epochs, layer.samples, layer.sample_epochs = [], [], [], []
-
     # ------------------------------------------------------------------ report
     @property
     def layers(self) -> dict[str, nn.Module]:
@@ -824,64 +388,6 @@ class RECMOptimizer(Optimizer):
     def __repr__(self) -> str:
         return f"RECMOptimizer({type(self.inner).__name__}, layers={len(self._layers)}, group={self.group!r})"
 
-
-def _to_device(t: Tensor, device: torch.device) -> Tensor:
-    """Copy a small host tensor to ``device`` without a host sync (pinned and non-blocking on CUDA)."""
-    if device.type == "cpu":
-        return t
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
-
-
-def _all_units(v: Tensor, units: dict[str, int], grid: dict[str, int]) -> Tensor:
-    """Rows of ``v`` (``(*units, *features)``) for every unit of ``grid``, in row-major grid order.
-
-    What indexing with ``unravel_index(arange(total))`` gives, without an index; grid
-    axes that ``v`` lacks are broadcast (a per-sample target over the sample's points).
-    """
-    names, feat = list(units), v.shape[len(units):]
-    v = v.permute(*[names.index(u) for u in grid if u in units], *range(len(units), v.dim()))
-    shape = [grid[u] if u in units else 1 for u in grid]
-    return v.reshape(*shape, *feat).expand(*grid.values(), *feat).reshape(-1, *feat)
-
-
-def _unravel(idx: Tensor, sizes: tuple[int, ...]) -> Tensor:
-    """``torch.stack(torch.unravel_index(idx, sizes))`` without its per-call Python checks."""
-    if len(sizes) == 1:
-        return idx[None]
-    out = []
-    for n in reversed(sizes):
-        out.append(idx % n)
-        idx = idx // n
-    return torch.stack(out[::-1])
-
-
-def _nonfinite_probes(samples: list[Tensor]) -> list[Tensor]:
-    """One 0-d tensor per sample that is NaN/Inf exactly when the sample has a NaN/Inf entry.
-
-    On CUDA, one multi-tensor kernel (the largest ``|value|``). On CPU that kernel is slow,
-    and ``sum(0 * x)`` is exact and fast: ``0 * finite = 0``, ``0 * inf = NaN``.
-    """
-    if samples[0].device.type == "cuda":
-        return list(torch._foreach_norm(samples, ord=math.inf))
-    return [s.mul(0).sum() for s in samples]
-
-
-def _isfinite_each(xs: list[Tensor]) -> Tensor:
-    """``isfinite`` of 0-d tensors as one bool vector (stacked per dtype, so nothing is rounded)."""
-    if all(x.dtype == xs[0].dtype and x.device == xs[0].device for x in xs):
-        return torch.isfinite(torch.stack(xs))
-    return torch.stack([torch.isfinite(x).to(xs[0].device) for x in xs])
-
-
-def _host_flags(pieces: list[Tensor]) -> list[bool]:
-    """Bring bool tensors to the host as one list: a single sync when they share a device."""
-    if not pieces:
-        return []
-    if all(p.device == pieces[0].device for p in pieces):
-        return torch.cat([p.reshape(-1) for p in pieces]).tolist()
-    return [bool(b) for p in pieces for b in p.reshape(-1).tolist()]
 
 
 def _weights(samples: list[tuple[Tensor, int]]) -> Tensor:
@@ -911,64 +417,6 @@ def _stacked_l_mean(layers: list[_Layer], with_grad: bool = False) -> tuple[list
     weights = _to_device(torch.stack([_weights(layer.samples) for layer in layers]).to(dtype), x.device)
     return list((weights[..., None] * diff).sum(1).unbind()), x, out
 
-
-def _merge_units(grid: dict[str, int], units: dict[str, int], where: str) -> None:
-    for u, n in units.items():
-        if grid.setdefault(u, n) != n:
-            raise ValueError(f"{where}: unit axis {u!r} has size {n}, but another input has {grid[u]}")
-
-
-def _has_precomputed(mod: Modulation) -> bool:
-    """Whether ``mod``'s next training forward would use coefficients precomputed by ``step()``."""
-    pre = getattr(mod, "_precomputed", None)
-    if pre is None:
-        return False
-    with torch.enable_grad():
-        return pre.get(mod) is not None
-
-
-def _drop_backed(layer: _Layer) -> None:
-    """Drop the captures made before the layer's latest backward (their gradient is gone)."""
-    keep = [e >= layer.backwards for e in layer.input_epochs]
-    layer.inputs = [x for x, k in zip(layer.inputs, keep) if k]
-    layer.input_epochs = [e for e, k in zip(layer.input_epochs, keep) if k]
-    keep = [e >= layer.backwards for e in layer.sample_epochs]
-    layer.samples = [x for x, k in zip(layer.samples, keep) if k]
-    layer.sample_epochs = [e for e, k in zip(layer.sample_epochs, keep) if k]
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _all_reduce_mean(ls: list[Tensor | None]) -> list[Tensor | None]:
-    """Average each layer's l over the ranks that captured it (one collective for all layers)."""
-    if not _distributed():
-        return ls
-    ref = next((l for l in ls if l is not None), None)
-    m = max((l.numel() for l in ls if l is not None), default=0)
-    device = _comm_device(ref)
-    m = int(_all_reduce_max(m, device))
-    buf = torch.zeros(len(ls), m + 1, dtype=torch.float64, device=device)
-    for i, l in enumerate(ls):
-        if l is not None:
-            buf[i, : l.numel()], buf[i, m] = l.double(), 1.0
-    dist.all_reduce(buf)
-    dtype = ref.dtype if ref is not None else torch.float32
-    return [None if buf[i, m] == 0 else (buf[i, :m] / buf[i, m]).to(dtype) for i in range(len(ls))]
-
-
-def _comm_device(ref: Tensor | None) -> torch.device:
-    """Device for collectives: NCCL needs CUDA tensors even on a rank that captured nothing."""
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return ref.device if ref is not None else torch.device("cpu")
-
-
-def _all_reduce_max(x: int, device: torch.device | None = None) -> int:
-    t = torch.tensor([x], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t)
 
 
 def _validate(**kw: Any) -> None:

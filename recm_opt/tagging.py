@@ -16,11 +16,14 @@ from __future__ import annotations
 import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from torch import Tensor, nn
 
 from .reps import Representation
+
+if TYPE_CHECKING:
+    from .modulation import Modulation
 
 __all__ = ["Relaxation", "get_relaxation", "is_relaxed", "relaxed"]
 
@@ -149,7 +152,7 @@ def _relaxed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Tensor:
         alpha, beta, names = self.recm_alpha, self.recm_beta, baked
         live = (True,) * len(names)
     else:
-        mod = self._modules.get(_MODULATION)
+        mod = cast("Modulation | None", self._modules.get(_MODULATION))
         if mod is None:  # no optimizer attached: the equivariant part alone
             return out
         alpha, beta = mod.coefficients(with_grad=self.training)
