@@ -34,8 +34,9 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from ._layers import _Layer
 from .modulation import Modulation, one_plus_tanh, project_norm_
-from .optimizer import RECMOptimizer, _Layer
+from .optimizer import RECMOptimizer
 
 __all__ = ["EquivarianceSchedule", "ResidualPathwayPrior", "triangle_schedule"]
 
