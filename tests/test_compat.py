@@ -7,50 +7,17 @@ machinery (param groups, hooks, schedulers, closures, third-party optimizers).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import pytest
 import torch
+from tiny import TinyNet, batch
 from torch import Tensor, nn
 from torch.optim import lr_scheduler
 from torch.optim.swa_utils import SWALR
 
 import recm_opt as recm
 from recm_opt.optimizer import RECMOptimizer
-
-
-@recm.relaxed(inputs=recm.Vector("b c xyz"), terms={"weight": "un"})
-class TinyVectorLinear(nn.Module):
-    """Channel mixing (equivariant) plus a dense map on the flattened vectors; no noise term."""
-
-    def __init__(self, c_in: int, c_out: int, seed: int) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.weight = nn.Parameter(torch.randn(c_out, c_in, generator=g) / math.sqrt(c_in))
-        self.un = nn.Parameter(torch.randn(3 * c_out, 3 * c_in, generator=g) * 1e-2)
-
-    def equivariant(self, z: Tensor) -> Tensor:
-        return torch.einsum("oc,bcx->box", self.weight, z)
-
-    def unconstrained(self, term: str, z: Tensor) -> Tensor:
-        return (z.flatten(1) @ self.un.T).view(z.shape[0], -1, 3)
-
-
-class TinyNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.enc = TinyVectorLinear(4, 6, seed=1)
-        self.dec = TinyVectorLinear(6, 1, seed=2)
-
-    def forward(self, z: Tensor) -> Tensor:
-        return self.dec(torch.tanh(self.enc(z)))[:, 0]
-
-
-def batch(n: int = 16, seed: int = 0) -> tuple[Tensor, Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 4, 3, generator=g)
-    return x, x[:, 0] * 2 + torch.tensor([0.5, 0.0, 0.0])  # an offset no rotation can produce
 
 
 def wrap(model: nn.Module, inner: torch.optim.Optimizer, **kw: object) -> RECMOptimizer:

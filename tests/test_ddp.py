@@ -10,7 +10,6 @@ the step equals a single-process step on the concatenated batch.
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from tiny import TinyNet
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -25,33 +25,6 @@ import recm_opt as recm
 from recm_opt.optimizer import RECMOptimizer
 
 WORLD, STEPS, PER_RANK = 2, 5, 16
-
-
-@recm.relaxed(inputs=recm.Vector("b c xyz"), terms={"weight": "un"})
-class TinyVectorLinear(nn.Module):
-    """Channel mixing plus a dense map on the flattened vectors; deterministic (no noise term)."""
-
-    def __init__(self, c_in: int, c_out: int, seed: int) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.weight = nn.Parameter(torch.randn(c_out, c_in, generator=g) / math.sqrt(c_in))
-        self.un = nn.Parameter(torch.randn(3 * c_out, 3 * c_in, generator=g) * 1e-2)
-
-    def equivariant(self, z: Tensor) -> Tensor:
-        return torch.einsum("oc,bcx->box", self.weight, z)
-
-    def unconstrained(self, term: str, z: Tensor) -> Tensor:
-        return (z.flatten(1) @ self.un.T).reshape(z.shape[0], -1, 3)
-
-
-class TinyNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.enc = TinyVectorLinear(4, 6, seed=1)
-        self.dec = TinyVectorLinear(6, 1, seed=2)
-
-    def forward(self, z: Tensor) -> Tensor:
-        return self.dec(torch.tanh(self.enc(z)))[:, 0]
 
 
 def data(step: int) -> tuple[Tensor, Tensor]:

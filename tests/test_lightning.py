@@ -13,7 +13,8 @@ import math
 
 import pytest
 import torch
-from torch import Tensor, nn
+from tiny import TinyVectorLinear
+from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 import recm_opt as recm
@@ -22,23 +23,6 @@ from recm_opt.optimizer import RECMOptimizer
 pl = pytest.importorskip("pytorch_lightning")
 
 STEPS = 4
-
-
-@recm.relaxed(inputs=recm.Vector("b c xyz"), terms={"weight": "un"})
-class TinyVectorLinear(nn.Module):
-    """Channel mixing plus a dense map on the flattened vectors; deterministic (no noise term)."""
-
-    def __init__(self, c_in: int, c_out: int, seed: int) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.weight = nn.Parameter(torch.randn(c_out, c_in, generator=g) / math.sqrt(c_in))
-        self.un = nn.Parameter(torch.randn(3 * c_out, 3 * c_in, generator=g) * 1e-2)
-
-    def equivariant(self, z: Tensor) -> Tensor:
-        return torch.einsum("oc,bcx->box", self.weight, z)
-
-    def unconstrained(self, term: str, z: Tensor) -> Tensor:
-        return (z.flatten(1) @ self.un.T).reshape(z.shape[0], -1, 3)
 
 
 class LitVectors(pl.LightningModule):

@@ -10,7 +10,6 @@ configurations fail with errors that name what is wrong.
 from __future__ import annotations
 
 import io
-import math
 import os
 import signal
 import subprocess
@@ -22,6 +21,7 @@ from typing import Any
 
 import pytest
 import torch
+from tiny import TinyVectorLinear
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, update_bn
 from torch.utils.checkpoint import checkpoint
@@ -30,23 +30,6 @@ import recm_opt as recm
 from recm_opt.optimizer import RECMOptimizer
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@recm.relaxed(inputs=recm.Vector("b c xyz"), terms={"weight": "un"})
-class TinyVectorLinear(nn.Module):
-    """Channel mixing plus a dense map on the flattened vectors; deterministic (no noise term)."""
-
-    def __init__(self, c_in: int, c_out: int, seed: int) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.weight = nn.Parameter(torch.randn(c_out, c_in, generator=g) / math.sqrt(c_in))
-        self.un = nn.Parameter(torch.randn(3 * c_out, 3 * c_in, generator=g) * 1e-2)
-
-    def equivariant(self, z: Tensor) -> Tensor:
-        return torch.einsum("oc,bcx->box", self.weight, z)
-
-    def unconstrained(self, term: str, z: Tensor) -> Tensor:
-        return (z.flatten(1) @ self.un.T).view(z.shape[0], -1, 3)
 
 
 class HygieneNet(nn.Module):
