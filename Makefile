@@ -21,8 +21,8 @@ test: setup
 	HYPOTHESIS_PROFILE=ci $(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
 
 lint: setup
-	$(BIN)/pip install -q ruff==0.8.4
-	$(BIN)/ruff check recm_opt
+	$(BIN)/pip install -q ruff==0.17.6
+	$(BIN)/ruff check recm_opt examples benchmarks tests
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
