@@ -21,8 +21,9 @@ test: setup
 	HYPOTHESIS_PROFILE=ci $(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
 
 lint: setup
-	$(BIN)/pip install -q ruff==0.17.6
+	$(BIN)/pip install -q -e ".[dev]"
 	$(BIN)/ruff check recm_opt examples benchmarks tests
+	$(BIN)/mypy recm_opt
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable, Sequence
+from types import FrameType
 from typing import cast
 
 import torch
@@ -155,7 +156,7 @@ def _in_reentrant_recompute() -> bool:
     if not _in_backward():
         return False
     code = torch.utils.checkpoint.CheckpointFunction.backward.__code__
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     for _ in range(64):  # a forward hook or module call sits a few frames below the checkpoint's backward
         if frame is None:
             return False
@@ -277,7 +278,7 @@ class Modulation(nn.Module):
 
         Spectral norms; ``r_theta`` must have seen data (its input width is lazy).
         """
-        w1, w2 = self.r_theta[0].weight, self.r_theta[2].weight
+        w1, w2 = cast(Tensor, self.r_theta[0].weight), cast(Tensor, self.r_theta[2].weight)
         if isinstance(w1, nn.parameter.UninitializedParameter):
             raise RuntimeError("r_theta has not seen a batch yet; its input width is unknown")
         s = torch.linalg.matrix_norm(w1.detach().double(), 2) * torch.linalg.matrix_norm(w2.detach().double(), 2)
@@ -287,7 +288,7 @@ class Modulation(nn.Module):
     def commit(self, l: Tensor, a: float, b: float) -> None:
         """Advance one step: ``t += 1`` and ``h <- (1 - gamma_t) h + gamma_t l``."""
         self.t += 1
-        self.gamma_t.copy_(gamma(self.t.to(self.h.dtype), a, b))
+        self.gamma_t.copy_(cast(Tensor, gamma(self.t.to(self.h.dtype), a, b)))
         self.h.mul_(1 - self.gamma_t).add_(self.gamma_t * l.to(self.h.dtype))
 
     def extra_repr(self) -> str:  # noqa: D102

@@ -118,7 +118,7 @@ def relaxed(target: M | None = None, *, inputs: Any, terms: Any = ("weight",)) -
     if target is None:
         return lambda t: relaxed(t, inputs=inputs, terms=terms)
     is_class = isinstance(target, type)
-    if not (issubclass(target, nn.Module) if is_class else isinstance(target, nn.Module)):
+    if not (issubclass(cast(type, target), nn.Module) if is_class else isinstance(target, nn.Module)):
         raise TypeError(f"relaxed needs an nn.Module subclass or instance, got {target!r}")
     for method in ("equivariant", "unconstrained"):
         if not callable(getattr(target, method, None)):
@@ -161,5 +161,5 @@ def _relaxed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Tensor:
     out = beta * out
     for i, (name, on) in enumerate(zip(names, live)):
         if on:
-            out = out + alpha[i] * self.unconstrained(name, *args, **kwargs)  # type: ignore[operator]
+            out = out + cast(Tensor, alpha)[i] * self.unconstrained(name, *args, **kwargs)  # type: ignore[operator]
     return out
