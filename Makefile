@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 
-.PHONY: setup demo test test-fast lint docs-check clean
+.PHONY: setup demo test lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
