@@ -22,7 +22,7 @@ test: setup
 
 lint: setup
 	$(BIN)/pip install -q -e ".[dev]"
-	$(BIN)/ruff check recm_opt examples benchmarks tests
+	$(BIN)/ruff check recm_opt examples benchmarks tests docs
 	$(BIN)/mypy recm_opt
 
 clean:
