@@ -231,6 +231,11 @@ class Modulation(nn.Module):
                 p.copy_(torch.rand(p.shape, generator=g) * 2 * bound - bound)
         w = torch.randn(len(self.terms), state_dim, generator=g) / math.sqrt(state_dim)
         self.w_alpha = nn.Parameter(w / w.norm(dim=1, keepdim=True).clamp(min=1.0))
+        self._init_state(state_dim, beta_fn)
+        self._precomputed = _Precomputed()
+
+    def _init_state(self, state_dim: int, beta_fn: Callable[[Tensor], Tensor]) -> None:
+        """``w_beta`` (zero: beta = 1), the buffers ``h``, ``gamma_t``, ``t`` and the optimizer's slots."""
         self.w_beta = nn.Parameter(torch.zeros(state_dim))
         self.beta_fn = beta_fn
         self.register_buffer("h", torch.zeros(state_dim), persistent=False)
@@ -240,7 +245,6 @@ class Modulation(nn.Module):
         self.newest: Tensor | None = None
         self.live: tuple[bool, ...] = (False,) * len(self.terms)
         self.train_all_live = True
-        self._precomputed = _Precomputed()
 
     def l_theta(self, sample: Tensor) -> Tensor:
         """Return ``l_theta`` for a stacked sample ``(1 + k, S, d)``: identity copy first.

@@ -71,14 +71,7 @@ class _PolicyModulation(Modulation):
         # Skip Modulation.__init__: its r_theta (a lazy layer) and w_alpha have no role here.
         nn.Module.__init__(self)
         self.terms = tuple(terms)
-        self.w_beta = nn.Parameter(torch.zeros(state_dim))
-        self.beta_fn = one_plus_tanh  # beta = k(0) = 1: h stays 0
-        self.register_buffer("h", torch.zeros(state_dim), persistent=False)
-        self.register_buffer("gamma_t", torch.zeros(()), persistent=False)
-        self.register_buffer("t", torch.zeros((), dtype=torch.long), persistent=False)
-        self.newest: Tensor | None = None
-        self.live: tuple[bool, ...] = (False,) * len(self.terms)
-        self.train_all_live = True
+        self._init_state(state_dim, one_plus_tanh)  # beta = k(0) = 1: h stays 0
 
     def l_theta(self, sample: Tensor) -> Tensor:  # noqa: D102
         raise RuntimeError(f"{type(self).__name__} has no update function l_theta")

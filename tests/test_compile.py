@@ -12,7 +12,7 @@ import io
 
 import pytest
 import torch
-from tiny import TinyNet
+from tiny import TinyNet, train_steps
 from torch import Tensor, nn
 from torch._dynamo.utils import counters
 
@@ -26,14 +26,6 @@ def build(model: nn.Module) -> RECMOptimizer:
     return RECMOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), model, target=recm.Vector("b xyz"), a=0.1)
 
 
-def train(model: nn.Module, opt: RECMOptimizer, steps: range) -> None:
-    for step in steps:
-        g = torch.Generator().manual_seed(step)
-        x = torch.randn(16, 4, 3, generator=g)
-        y = x[:, 0] * 2 + torch.tensor([0.5, 0.0, 0.0])
-        (model(x) - y).pow(2).mean().backward()
-        opt.step(target=y)
-        opt.zero_grad()
 
 
 def recm_state(model: TinyNet) -> list[Tensor]:
@@ -54,11 +46,11 @@ def test_compiled_model_trains_without_recompiles_per_step() -> None:
     compiled = torch.compile(model, backend=BACKEND)
     opt = build(compiled)
     assert list(opt.layers) == ["enc", "dec"]  # no "_orig_mod." prefix
-    train(compiled, opt, range(2))  # step 1 adds h's newest term to the graph: one expected recompile
+    train_steps(compiled, opt, range(2))  # step 1 adds h's newest term to the graph: one expected recompile
     graphs = counters["stats"]["unique_graphs"]
     assert graphs > 0, "nothing was compiled"
     with torch._dynamo.config.patch(error_on_recompile=True):
-        train(compiled, opt, range(2, 8))
+        train_steps(compiled, opt, range(2, 8))
     assert counters["stats"]["unique_graphs"] == graphs
     assert int(model.enc.recm_modulation.t) == 8
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -71,7 +63,7 @@ def test_checkpoint_moves_between_compiled_and_plain_models() -> None:
     model = TinyNet()
     compiled = torch.compile(model, backend=BACKEND)
     opt = build(compiled)
-    train(compiled, opt, range(3))
+    train_steps(compiled, opt, range(3))
     buf = io.BytesIO()
     # The uncompiled module's state dict has the plain names; the compiled wrapper's would add "_orig_mod.".
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
@@ -84,7 +76,7 @@ def test_checkpoint_moves_between_compiled_and_plain_models() -> None:
     plain.load_state_dict(ckpt["model"])
     plain_opt.load_state_dict(ckpt["opt"])
     assert all(torch.equal(a, b) for a, b in zip(recm_state(plain), recm_state(model)))
-    train(plain, plain_opt, range(3, 5))
+    train_steps(plain, plain_opt, range(3, 5))
 
     # ... and back: the plain run's checkpoint resumes a freshly compiled model.
     again = TinyNet()

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from tiny import TinyNet
+from tiny import TinyNet, train_steps
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
@@ -38,14 +38,6 @@ def build(seed: int = 0) -> tuple[TinyNet, RECMOptimizer]:
     return model, RECMOptimizer(inner, model, target=recm.Vector("b xyz"), a=0.1)
 
 
-def train(model: TinyNet, opt: RECMOptimizer, steps: range) -> None:
-    for step in steps:
-        g = torch.Generator().manual_seed(step)
-        x = torch.randn(16, 4, 3, generator=g)
-        y = x[:, 0] * 2 + torch.tensor([0.5, 0.0, 0.0])
-        (model(x) - y).pow(2).mean().backward()
-        opt.step(target=y)
-        opt.zero_grad()
 
 
 def recm_state(model: TinyNet) -> list[Tensor]:
@@ -74,14 +66,14 @@ def test_zero_gradient_initialisation_step_changes_nothing() -> None:
     assert "enc.recm_modulation.w_beta" in osd["state"]
     assert int(osd["state"]["enc.recm_modulation.w_beta"]["recm_t"]) == 0
     # The model trains normally afterwards (the lazy r_theta was left alone by the dummy step).
-    train(model, opt, range(2))
+    train_steps(model, opt, range(2))
     assert int(model.enc.recm_modulation.t) == 2
 
 
 def test_get_set_optimizer_state_dict_round_trips_recm_state() -> None:
     """FQN-keyed state dicts carry h, t, gamma and the newest sample; resumed training matches bit for bit."""
     model, opt = build()
-    train(model, opt, range(3))
+    train_steps(model, opt, range(3))
     # Through bytes, as a checkpoint would: the dicts alias the live state, which keeps training below.
     buf = io.BytesIO()
     torch.save({"model": get_model_state_dict(model), "opt": get_optimizer_state_dict(model, opt)}, buf)
@@ -97,8 +89,8 @@ def test_get_set_optimizer_state_dict_round_trips_recm_state() -> None:
     set_optimizer_state_dict(other, other_opt, osd)
     assert all(torch.equal(a, b) for a, b in zip(recm_state(other), recm_state(model)))
 
-    train(model, opt, range(3, 5))
-    train(other, other_opt, range(3, 5))
+    train_steps(model, opt, range(3, 5))
+    train_steps(other, other_opt, range(3, 5))
     assert all(torch.equal(a, b) for a, b in zip(params(other), params(model)))
     assert all(torch.equal(a, b) for a, b in zip(recm_state(other), recm_state(model)))
 
@@ -112,19 +104,19 @@ def test_dcp_save_and_load_files_resume_bit_exact(tmp_path: Path) -> None:
     optimizer state at the second, and the newest sample has the batch's shape.
     """
     model, opt = build()
-    train(model, opt, range(3))
+    train_steps(model, opt, range(3))
     msd, osd = get_state_dict(model, opt)
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp_path))
 
     other, other_opt = build(seed=5)
-    train(other, other_opt, range(100, 102))  # shapes for the template
+    train_steps(other, other_opt, range(100, 102))  # shapes for the template
     msd, osd = get_state_dict(other, other_opt)
     state = {"model": msd, "optim": osd}
     dcp.load(state, checkpoint_id=str(tmp_path))
     set_state_dict(other, other_opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
     assert all(torch.equal(a, b) for a, b in zip(recm_state(other), recm_state(model)))
 
-    train(model, opt, range(3, 5))
-    train(other, other_opt, range(3, 5))
+    train_steps(model, opt, range(3, 5))
+    train_steps(other, other_opt, range(3, 5))
     assert all(torch.equal(a, b) for a, b in zip(params(other), params(model)))
     assert all(torch.equal(a, b) for a, b in zip(recm_state(other), recm_state(model)))

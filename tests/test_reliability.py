@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import torch
-from tiny import TinyVectorLinear
+from tiny import TinyVectorLinear, batch
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, update_bn
 from torch.utils.checkpoint import checkpoint
@@ -47,12 +47,6 @@ class HygieneNet(nn.Module):
         if self.reentrant is None:
             return self.dec(z)[:, 0]
         return checkpoint(self.dec, z, use_reentrant=self.reentrant)[:, 0]
-
-
-def batch(n: int = 16, seed: int = 0) -> tuple[Tensor, Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 4, 3, generator=g)
-    return x, x[:, 0] * 2 + torch.tensor([0.5, 0.0, 0.0])
 
 
 def wrap(model: nn.Module, inner: torch.optim.Optimizer, **kw: Any) -> RECMOptimizer:

@@ -44,3 +44,12 @@ def batch(n: int = 16, seed: int = 0) -> tuple[Tensor, Tensor]:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 4, 3, generator=g)
     return x, x[:, 0] * 2 + torch.tensor([0.5, 0.0, 0.0])
+
+
+def train_steps(model: nn.Module, opt: recm.RECMOptimizer, steps: range) -> None:
+    """One optimizer step per entry of ``steps`` on ``batch(16, seed=step)``."""
+    for step in steps:
+        x, y = batch(16, seed=step)
+        (model(x) - y).pow(2).mean().backward()
+        opt.step(target=y)
+        opt.zero_grad()
