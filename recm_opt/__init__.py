@@ -1,6 +1,6 @@
 """recm_opt: Recurrent Equivariant Constraint Modulation as a PyTorch optimizer wrapper."""
 
-from .diagnostics import equivariance_error, lipschitz_bound, symmetry_gap
+from .diagnostics import coupling_gap, equivariance_error, lipschitz_bound, symmetry_gap
 from .export import export, format_report, parameter_overhead
 from .groups import (
     CyclicGenerators,
@@ -38,6 +38,7 @@ __all__ = [
     "SO3Generators",
     "Vector",
     "__version__",
+    "coupling_gap",
     "equivariance_error",
     "export",
     "format_report",
