@@ -60,12 +60,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.benchmark import Timer
 
-sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1] / "examples")]
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1] / "examples"),
+                str(Path(__file__).resolve().parents[1])]
 
 import egnn  # noqa: E402
 import nbody_data  # noqa: E402
-import pointcloud_data  # noqa: E402
-from relaxed_vn import fix_coefficients, relaxed_vn_pointnet, vn_pointnet  # noqa: E402
+from benchmarks.models.relaxed_vn import fix_coefficients, relaxed_vn_pointnet, vn_pointnet  # noqa: E402
+from benchmarks.pointcloud import data as pointcloud_data  # noqa: E402
 from vector_model import RelaxedVectorLinear, VectorGate, make_task  # noqa: E402
 
 import recm_opt as recm  # noqa: E402

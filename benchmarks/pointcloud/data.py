@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from recm_opt import SO3Generators
+
 N_POINTS = 300
 JITTER_STD = 0.01
 JITTER_CLIP = 0.05
@@ -275,40 +277,6 @@ ORIENTATION_PAIRS: list[tuple[int, int]] = [
 ]
 
 
-# ------------------------------------------------------------------ rotations
-def haar_rotations(n: int, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float64) -> Tensor:
-    """Draw ``n`` Haar (uniform) random rotations in SO(3).
-
-    A normalised 4-D Gaussian is uniform on S^3, and the double cover
-    S^3 -> SO(3) pushes the uniform measure to the Haar measure.
-
-    Args:
-        n: number of rotations.
-        generator: torch generator for reproducibility.
-        dtype: floating dtype of the result.
-
-    Returns:
-        Rotation matrices of shape (n, 3, 3).
-    """
-    q = torch.randn(n, 4, generator=generator, dtype=torch.float64)
-    w, x, y, z = (q / q.norm(dim=1, keepdim=True)).unbind(1)
-    rot = torch.stack(
-        [
-            1 - 2 * (y * y + z * z),
-            2 * (x * y - w * z),
-            2 * (x * z + w * y),
-            2 * (x * y + w * z),
-            1 - 2 * (x * x + z * z),
-            2 * (y * z - w * x),
-            2 * (x * z - w * y),
-            2 * (y * z + w * x),
-            1 - 2 * (x * x + y * y),
-        ],
-        dim=1,
-    )
-    return rot.reshape(n, 3, 3).to(dtype)
-
-
 # ----------------------------------------------------------------- generation
 def _split_seed(seed: int, split: str, stream: int) -> np.random.SeedSequence:
     """Seed sequence for one (seed, split, stream); splits never share streams."""
@@ -369,7 +337,7 @@ def generate_split(split: str, variant: str, n_per_class: int, seed: int = 0) ->
     if variant == "rotated":
         state = int(_split_seed(seed, split, 10_000).generate_state(1, np.uint64)[0] >> np.uint64(1))
         gen = torch.Generator().manual_seed(state)
-        rot = haar_rotations(len(points), gen, dtype=torch.float64)
+        rot = SO3Generators().sample(len(points), gen)  # Haar, float64
         # Row-vector convention: x -> x R^T.
         points = torch.einsum("snj,sij->sni", points.double(), rot).float()
     return points, labels
