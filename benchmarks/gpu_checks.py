@@ -79,7 +79,8 @@ def build(device: str, inner: str) -> tuple[TinyNet, recm.RECMOptimizer]:
         opt = torch.optim.AdamW(params, lr=1e-2, fused=True)
     else:
         opt = torch.optim.SGD(params, lr=0.1)
-    return model, recm.RECMOptimizer(opt, model, target=recm.Vector("b xyz"), a=0.1)
+    return model, recm.RECMOptimizer(opt, model, target=recm.Vector("b xyz"), a=0.1,
+                                     example=torch.zeros(1, 4, 3, device=device))
 
 
 def state(model: TinyNet) -> list[Tensor]:
@@ -163,7 +164,7 @@ def check_compile(device: str) -> str:
     model = TinyNet().to(device)
     compiled = torch.compile(model)
     opt = recm.RECMOptimizer(torch.optim.AdamW(compiled.parameters(), lr=1e-2), compiled,
-                             target=recm.Vector("b xyz"), a=0.1)
+                             target=recm.Vector("b xyz"), a=0.1, example=torch.zeros(1, 4, 3, device=device))
     assert list(opt.layers) == ["enc", "dec"], f"layer names {list(opt.layers)}"
     start = time.perf_counter()
 

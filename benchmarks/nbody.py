@@ -59,13 +59,23 @@ def es_policy() -> tuple[Any, str]:
     return EquivarianceSchedule, ""
 
 
+def example_graph(model: nn.Module) -> tuple[Tensor, ...]:
+    """Inputs of one graph with one node and no edges: sizes RECM's ``r_theta`` (``example=``)."""
+    w = model.embedding.weight
+    edge_dim = model.layers[0].message.mlp[0].in_features - 2 * w.shape[0] - 2
+    f = {"dtype": w.dtype, "device": w.device}
+    idx = {"dtype": torch.long, "device": w.device}
+    return (torch.zeros(1, w.shape[1], **f), torch.zeros(1, 3, **f), torch.zeros(1, 3, **f),
+            torch.zeros(2, 0, **idx), torch.zeros(0, edge_dim, **f), torch.zeros(1, **idx))
+
+
 def make_optimizer(name: str, model: nn.Module, total_steps: int, lr: float, wd: float) -> torch.optim.Optimizer:
     """Adam for ``egnn``; Adam wrapped by RECM or by the triangle-schedule policy otherwise."""
     inner = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=wd)
     if name == "egnn":
         return inner
     if name == "egnn_recm":
-        return recm.RECMOptimizer(inner, model, target=TARGET)
+        return recm.RECMOptimizer(inner, model, target=TARGET, example=example_graph(model))
     cls, why = es_policy()
     if cls is None:
         raise RuntimeError(why)

@@ -211,7 +211,7 @@ class Runner:
         if variant in ("c", "d"):
             skip = variant == "d" if skip_pruned is None else skip_pruned
             self.recm = recm.RECMOptimizer(self.inner, self.model, recm.SO3Generators(), target=task.target,
-                                           skip_pruned=skip)
+                                           skip_pruned=skip, example=task.timing[0][0])
         self._next = 0
 
     def step(self, batch: Batch) -> None:

@@ -35,7 +35,8 @@ def train(
     """Train one run; return the model, its optimizer and alpha per layer and term over steps."""
     torch.manual_seed(seed)
     model = VectorNet()
-    opt = recm.RECMOptimizer(torch.optim.Adam(model.parameters(), lr=1e-3), model, target=recm.Vector("b xyz"))
+    opt = recm.RECMOptimizer(torch.optim.Adam(model.parameters(), lr=1e-3), model, target=recm.Vector("b xyz"),
+                             example=torch.zeros(1, 4, 3))
     x, y = make_task(steps * batch, broken, seed=seed + 1)
     history: dict[str, list[list[float]]] = {name: [] for name in opt.layers}
     label = "symmetric" if broken == 0 else f"broken={broken}"

@@ -1,203 +1,477 @@
-"""Input capture for :class:`~recm_opt.optimizer.RECMOptimizer`: hooks, pairing, subsampling, group actions.
+"""What the optimizer records between steps: one :class:`Capture` per training forward of a tagged layer.
 
-A forward pre-hook on every tagged layer records the unit views of its inputs
-(training-mode forwards with autograd on only; see :mod:`recm_opt.optimizer` for
-which forwards count). ``observe(y)`` pairs the pending captures with the model's
-target and turns each into one stacked sample ``(1 + |C_G|, S, d)``: the kept
-units (at most ``max_units``, drawn from the optimizer's private generator), then
-their copies under every generator of the group. A sample with a NaN/Inf entry is
-counted as skipped and never reaches ``h``. Each capture remembers the layer's
-backward count, so ``zero_grad()`` can drop those whose gradient it drops.
+A forward pre-hook on every tagged layer records a random subsample of at most
+``max_units`` units of its inputs (training-mode forwards with autograd on; see
+:mod:`recm_opt.optimizer` for which forwards count). A forward hook then marks the
+layer's output, so that the capture learns when a backward runs through this very
+forward, and in which backward pass. A capture is paired with the target of its own
+forward: the target bound by ``with opt.pair(y):`` around the forward, or the next
+``observe(y)`` (``step(target=y)`` calls it). Pairing turns it into one stacked sample
+``(1 + |C_G|, S, d)``: the kept units, then their copies under every generator.
+
+At ``step()`` only captures that are both paired and backed count. Captures whose
+backward never ran (a forward that raised, an evaluation forward in training mode,
+another model's forward through a shared layer) are dropped and counted; at most
+``_MAX_UNBACKED`` of them wait per layer. A backed capture without a target, or one
+target paired with forwards of several backward passes, is an error that names the
+layers. Hooks hold the optimizer weakly and die in copies and pickles of the model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ._device import _host_flags, _isfinite_each, _nonfinite_probes, _to_device
+from ._device import _to_device
 from ._layers import _Layer
 from .groups import Group
-from .modulation import _in_reentrant_recompute
-from .reps import Representation
+from .modulation import _in_backward, _in_reentrant_recompute
+from .reps import Invariant, Representation
+
+# Unbacked captures kept per layer: enough for a few forwards before their backward
+# (Lightning runs training_step, then backward); beyond it the oldest are dropped.
+_MAX_UNBACKED = 16
 
 
-def _in_backward() -> bool:
-    # Activation-checkpoint recomputation runs inside the autograd engine; its
-    # forwards repeat units already captured, so they must not be counted again.
+class Undeclared:
+    """The default target: one number per unit (a class label or a scalar), invariant.
+
+    Any other target shape is rejected at the first step, with the declaration to add.
+    """
+
+    def __repr__(self) -> str:
+        return "Undeclared()"
+
+
+@dataclass(eq=False)
+class Capture:
+    """One training forward of one tagged layer, from its inputs to its place in ``h``.
+
+    Attributes:
+        layer: the tagged layer.
+        parts: per declared input: representation, kept rows ``(S, f)`` and feature shape.
+        grid: the unit axes and sizes of the forward's batch.
+        index: multi-index of the kept units per unit axis (``None``: every unit, row-major).
+        units: the number of units the forward had (its weight in the step's mean).
+        pairing: id of the ``observe``/``pair`` that gave the target; ``None`` while unpaired.
+        sample: the stacked ``(1 + k, S, d)`` sample, once paired.
+        backed: whether a backward has run through this forward.
+        task: the autograd graph task of that backward.
+        nested: captured by reentrant checkpointing's recomputation, whose backward is a
+            graph task nested in the real one (its task says nothing about the forward).
+    """
+
+    layer: _Layer
+    parts: list[tuple[Representation, Tensor, tuple[int, ...]]]
+    grid: dict[str, int]
+    index: dict[str, Tensor] | None
+    units: int
+    pairing: int | None = None
+    sample: Tensor | None = None
+    backed: bool = False
+    task: int = -1
+    nested: bool = False
+
+
+class _Hook:
+    """A forward (pre-)hook that forwards to the capture book; dead in copies and pickles of the model."""
+
+    book: Any = None
+    layer: Any = None
+
+    def __init__(self, book: CaptureBook, layer: _Layer, post: bool) -> None:
+        self.book, self.layer, self.post = weakref.ref(book), weakref.ref(layer), post
+
+    def __call__(self, module: nn.Module, args: tuple, *rest: Any) -> None:
+        book = self.book() if self.book is not None else None
+        layer = self.layer() if self.layer is not None else None
+        if book is None or layer is None or module is not layer.module:
+            return  # a deep copy (AveragedModel) or a detached optimizer
+        _dispatch(book, layer, module, args, rest, self.post)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"post": self.post}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.post = state.get("post", False)
+
+
+@torch._dynamo.disable
+def _dispatch(book: CaptureBook, layer: _Layer, module: nn.Module, args: tuple, rest: tuple, post: bool) -> None:
+    if post:
+        book.on_output(layer, rest[0])
+    else:
+        book.on_forward(layer, module, args, rest[0])
+
+
+def _mark_backed(capture: Capture, _: Tensor) -> None:
+    capture.backed = True
     fn = getattr(torch._C, "_current_graph_task_id", None)
-    return fn is not None and fn() != -1
+    capture.task = int(fn()) if fn is not None else 0
 
 
-class _CaptureMixin:
-    """Capture half of :class:`~recm_opt.optimizer.RECMOptimizer`: record inputs, pair them with targets."""
+def _first_grad_tensor(out: Any) -> Tensor | None:
+    if isinstance(out, Tensor):
+        return out if out.requires_grad else None
+    items = out.values() if isinstance(out, dict) else out if isinstance(out, (tuple, list)) else ()
+    for item in items:
+        found = _first_grad_tensor(item)
+        if found is not None:
+            return found
+    return None
 
-    group: Group
-    target: Representation | None
-    max_units: int
-    _generators: Tensor
-    _rng: torch.Generator
-    _layers: list[_Layer]
-    _pending_rebuild: list[_Layer]
 
-    if TYPE_CHECKING:
-        def _check_group(self, rep: Representation, size: int, where: str) -> None: ...
+class CaptureBook:
+    """The captures since the last step, their pairing with targets, and their samples.
 
-        def _rebuild_precomputed(self, layers: list[_Layer]) -> None: ...
+    Args:
+        group: the generating set ``C_G``.
+        target: the target's representation; ``None`` for input-only ``l_theta``;
+            an :class:`Undeclared` for the default.
+        max_units: units kept per capture.
+        seed: seed of the private generator that draws the kept units.
+    """
 
-    def _register_hooks(self, layer: _Layer) -> list[Any]:
-        opt_ref, layer_ref = weakref.ref(self), weakref.ref(layer.module)
+    def __init__(self, group: Group, target: Representation | Undeclared | None, max_units: int, seed: int) -> None:
+        self.group, self.target, self.max_units = group, target, max_units
+        self.generators = group.generators()
+        self.rng = torch.Generator().manual_seed(seed)
+        self.records: list[Capture] = []
+        self.pending_rebuild: list[_Layer] = []
+        self._open: dict[int, Capture | None] = {}
+        self._bound: list[tuple[int, Tensor]] = []  # targets bound by pair(), innermost last
+        self._pairings = 0
+        self._paused = False
+        self._matrices: dict[tuple, tuple[Representation, Tensor]] = {}
+        self._checked: set[tuple] = set()
+        self.rebuild: Any = None  # set by the optimizer: rebuilds batched coefficients after a load
+        self._keep: list[Representation] = []  # representations whose id() keys a cache stay alive
+        if target is None or isinstance(target, Undeclared):
+            self._target_width = 0 if target is None else 1
+        else:
+            width = target.feature_width()
+            if width is None:
+                raise ValueError(f"target {target!r} does not declare every feature size, and r_theta's input "
+                                 "width must be known when the optimizer is built: declare them, e.g. "
+                                 "recm.Invariant(\"b f\", f=4)")
+            self._target_width = width
 
-        @torch._dynamo.disable
-        def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            opt = opt_ref()
-            # Deep copies (AveragedModel) keep this hook: only the original layer counts.
-            if opt is None or module is not layer_ref() or not module.training:
+    def hooks(self, layer: _Layer) -> list[Any]:
+        """Register the capture hooks on the layer; return their handles."""
+        return [layer.module.register_forward_pre_hook(_Hook(self, layer, post=False), with_kwargs=True),
+                layer.module.register_forward_hook(_Hook(self, layer, post=True))]
+
+    # ------------------------------------------------------------ recording
+    def on_forward(self, layer: _Layer, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Record a training forward (see the module docstring for which forwards count)."""
+        self._open.pop(id(layer), None)
+        if not module.training or self._paused or _in_functorch():
+            # torch.func transforms (per-sample gradients) run the layer on wrapped tensors
+            # that do not outlive the transform: such forwards are not training forwards.
+            return
+        if _in_backward():  # checkpoint recomputation: captured in forward unless reentrant
+            # (reentrant checkpointing runs its forward under no_grad: the recomputation
+            # in its backward is then the one capture)
+            if not _in_reentrant_recompute():
                 return
-            if _in_backward():  # checkpoint recomputation: captured in forward unless reentrant
-                # (reentrant checkpointing runs its forward under no_grad: the recomputation
-                # in its backward is then the one capture)
-                if not _in_reentrant_recompute():
-                    return
-            elif not torch.is_grad_enabled():  # update_bn, inference under no_grad
-                return
-            if opt._pending_rebuild:  # first training forward after a load
-                opt._rebuild_precomputed(opt._pending_rebuild)
-                opt._pending_rebuild = []
-            opt._capture(layer, args, kwargs)
+            nested = True
+        elif not torch.is_grad_enabled():  # update_bn, inference under no_grad
+            return
+        else:
+            nested = False
+        if self.pending_rebuild and self.rebuild is not None:  # first training forward after a load
+            self.rebuild(self.pending_rebuild)
+            self.pending_rebuild = []
+        capture = self._capture(layer, args, kwargs)
+        if capture is None:  # a batch without units: nothing to learn from
+            return
+        capture.nested = nested
+        self._open[id(layer)] = capture
+        if self.target is None:
+            self._pair([capture], None, 0)
+        elif self._bound:
+            self._pair([capture], self._bound[-1][1], self._bound[-1][0])
+        self.records.append(capture)
+        self._bound_unbacked(layer)
 
-        def backed(_: Tensor) -> None:
-            # w_beta is used by every training forward, so its gradient marks a backward
-            # through the layer: captures made before it belong to that gradient.
-            layer.backwards += 1
+    def on_output(self, layer: _Layer, output: Any) -> None:
+        """Mark the forward's output, so that its backward marks the capture."""
+        capture = self._open.pop(id(layer), None)
+        if capture is None:
+            return
+        out = _first_grad_tensor(output)
+        if out is not None:
+            out.register_hook(lambda grad, c=capture: _mark_backed(c, grad))
 
-        return [layer.module.register_forward_pre_hook(capture, with_kwargs=True),
-                layer.mod.w_beta.register_post_accumulate_grad_hook(backed)]
+    def _bound_unbacked(self, layer: _Layer) -> None:
+        waiting = [c for c in self.records if c.layer is layer and not c.backed]
+        for c in waiting[: max(0, len(waiting) - _MAX_UNBACKED)]:
+            self.records.remove(c)
+            layer.dropped += 1
 
-    # --------------------------------------------------------------- capturing
-    def _capture(self, layer: _Layer, args: tuple, kwargs: dict) -> None:
-        found = []
+    def _capture(self, layer: _Layer, args: tuple, kwargs: dict) -> Capture | None:
+        views = []
         for name, rep in layer.tag.inputs.items():
             pos = layer.positions[name]
             x = args[pos] if pos < len(args) else kwargs.get(name)
-            if isinstance(x, Tensor):
-                # Validate now, so a bad shape fails in the user's forward; _sample reuses the unit view.
-                where = f"layer {layer.name!r}, input {name!r}"
-                v, units = rep.unit_view(x.detach(), where)
-                if rep.axis is not None:
-                    self._check_group(rep, v.shape[rep._axis_dim()], where)
-                found.append((name, rep, v, units))
-        if found:
-            layer.inputs.append(found)
-            layer.input_epochs.append(layer.backwards)
-        if self.target is None:
-            self._pair(layer, None)
-
-    @torch.no_grad()
-    def observe(self, target: Tensor) -> None:
-        """Pair the inputs captured since the last ``observe`` with the model's ``target``.
-
-        Call it once per forward pass, before ``step()`` (e.g. in Lightning's
-        ``training_step``). ``step(target=y)`` calls it for you.
-
-        Raises:
-            ValueError: if ``target`` does not match a layer's units or its representation.
-        """
-        if not isinstance(target, Tensor):
-            raise TypeError(f"target must be a Tensor, got {type(target).__name__}")
-        self._pair_all(self._layers, target)  # one host sync for every layer's samples
-
-    def _pair(self, layer: _Layer, target: Tensor | None) -> None:
-        self._pair_all([layer], target)
-
-    def _pair_all(self, layers: list[_Layer], target: Tensor | None) -> None:
-        new: list[tuple[_Layer, Tensor, int, int]] = []
-        self._target_cache: tuple[Tensor, Tensor, dict[str, int]] | None = None
-        try:
-            for layer in layers:
-                for found, epoch in zip(layer.inputs, layer.input_epochs):
-                    sample, units = self._sample(layer, found, target)
-                    new.append((layer, sample, units, epoch))
-                layer.inputs, layer.input_epochs = [], []
-        finally:
-            self._target_cache = None
-            # One host sync for every new sample, not one per layer: a NaN/Inf batch never reaches h.
-            finite = _host_flags([_isfinite_each(_nonfinite_probes([s for _, s, _, _ in new]))]) if new else []
-            for (layer, sample, units, epoch), ok in zip(new, finite):
-                if not ok:
-                    layer.skipped += 1
-                    continue
-                layer.samples.append((sample, units))
-                layer.sample_epochs.append(epoch)
-
-    def _target_view(self, target: Tensor, where: str) -> tuple[Tensor, dict[str, int]]:
-        # One target is paired with every layer: rearrange it once per observe().
-        cached = self._target_cache
-        if cached is None or cached[0] is not target:
-            assert self.target is not None
-            v, units = self.target.unit_view(target.detach(), where)
-            self._target_cache = cached = (target, v, units)
-        return cached[1], cached[2]
-
-    def _sample(self, layer: _Layer, found: list, target: Tensor | None) -> tuple[Tensor, int]:
-        views: list[tuple[Representation, Tensor, dict[str, int]]] = []
+            where = f"layer {layer.name!r}, input {name!r}"
+            if not isinstance(x, Tensor):
+                raise ValueError(f"{where}: a declared input must be a tensor in every training forward, got "
+                                 f"{type(x).__name__} (r_theta's input width is fixed; leave optional inputs "
+                                 "out of the declaration)")
+            v, units = rep.unit_view(x.detach(), where)
+            if rep.axis is not None:
+                self.check_group(rep, v.shape[rep._axis_dim()], where)
+            views.append((rep, v, units, where))
         grid: dict[str, int] = {}
-        for name, rep, v, units in found:
-            _merge_units(grid, units, f"layer {layer.name!r}, input {name!r}")
-            views.append((rep, v, units))
-        if target is not None:
-            assert self.target is not None
-            where = f"layer {layer.name!r}, target"
-            v, units = self._target_view(target, where)
-            if self.target.axis is not None:
-                self._check_group(self.target, v.shape[self.target._axis_dim()], where)
-            if not set(units) <= set(grid) or any(grid[u] != n for u, n in units.items()):
-                raise ValueError(f"{where}: target units {units} (shape {tuple(target.shape)}) do not match "
-                                 f"the layer's input units {grid}")
-            views.append((self.target, v, units))
+        for _, _, units, where in views:
+            for u, n in units.items():
+                if grid.setdefault(u, n) != n:
+                    raise ValueError(f"{where}: unit axis {u!r} has size {n}, but another input has {grid[u]}")
         total = math.prod(grid.values())
-        multi = None  # every unit kept: rows in row-major order, no gather index
+        if total == 0:
+            return None
+        index = None
         if total > self.max_units:
-            idx = torch.randperm(total, generator=self._rng)[: self.max_units]
-            index = _unravel(idx, tuple(grid.values()))
-            multi = dict(zip(grid, _to_device(index, views[0][1].device).unbind()))  # one copy, no sync
-        parts = [self._stack(rep, v, units, grid, multi) for rep, v, units in views]
-        if len(parts) == 1:
-            return torch.cat([parts[0][0][None], parts[0][1]]), total
-        # (1 + k, S, d): the identity copy, then each generator's; features in input order, target last
-        ids, moved = torch.cat([p[0] for p in parts], -1), torch.cat([p[1] for p in parts], -1)
-        return torch.cat([ids[None], moved]), total
+            idx = torch.randperm(total, generator=self.rng)[: self.max_units]
+            index = dict(zip(grid, _to_device(_unravel(idx, tuple(grid.values())), views[0][1].device).unbind()))
+        parts = []
+        for rep, v, units, where in views:
+            rows = _rows(v, units, grid, index)
+            if not rows.is_floating_point():
+                rows = rows.to(torch.get_default_dtype())
+            feat = tuple(v.shape[len(units):])
+            self._check_action(rep, rows, feat, where)
+            parts.append((rep, rows.reshape(rows.shape[0], -1) if rows.dim() > 1 else rows[:, None], feat))
+        width = sum(p[1].shape[1] for p in parts) + self.target_width(layer)
+        if width != layer.mod.in_features:
+            raise ValueError(f"layer {layer.name!r}: this forward gives r_theta {width} features per unit "
+                             f"(inputs {[tuple(p[2]) for p in parts]} and the target), but it was built for "
+                             f"{layer.mod.in_features}; every training forward must have the same feature sizes")
+        return Capture(layer, parts, grid, index, total)
 
-    def _stack(self, rep: Representation, v: Tensor, units: dict[str, int], grid: dict[str, int],
-               multi: dict[str, Tensor] | None) -> tuple[Tensor, Tensor]:
-        """The rows ``(S, f)`` of one input (or the target) and their generator copies ``(k, S, f)``."""
-        # (S, *features): the kept units, or every unit of the grid in row-major order
-        rows = _all_units(v, units, grid) if multi is None else v[tuple(multi[u] for u in units)]
-        if not rows.is_floating_point():
-            rows = rows.to(torch.get_default_dtype())
-        rows = rows.reshape(rows.shape[0], -1) if rows.dim() > 1 else rows[:, None]
-        feat = rows.reshape(rows.shape[0], *v.shape[len(units):]) if v.dim() > len(units) else rows
-        moved = self._act(rep, feat)  # (k, S, *features)
-        return rows, moved.reshape(moved.shape[0], rows.shape[0], -1)
+    def target_width(self, layer: _Layer | None = None) -> int:
+        """The features per unit that the target adds to ``r_theta``'s input."""
+        return self._target_width
+
+    def _check_action(self, rep: Representation, rows: Tensor, feat: tuple[int, ...], where: str) -> None:
+        key = (id(rep), feat)
+        if key in self._checked:
+            return
+        x = rows[:2].reshape(-1, *feat) if feat else rows[:2]
+        rep.check_action(self.group, self.generators, x.to(torch.get_default_dtype()) if not x.is_floating_point()
+                         else x, where)
+        self._checked.add(key)
+        self._keep.append(rep)
+
+    def check_group(self, rep: Representation, size: int, where: str) -> None:
+        """Fail, naming ``where``, when the group cannot act on ``size`` entries of ``rep``'s axis."""
+        key = ("group", id(rep), size)
+        if rep.axis is None or key in self._checked:
+            return
+        try:
+            rep.matrices(self.group, self.generators[:1], size)
+        except ValueError as err:
+            raise ValueError(f"{where}: {rep!r} does not match the group {self.group!r} ({err})") from err
+        self._checked.add(key)
+        self._keep.append(rep)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Record nothing inside the block (the re-evaluations of a line-search closure)."""
+        paused, self._paused = self._paused, True
+        try:
+            yield
+        finally:
+            self._paused = paused
+
+    # -------------------------------------------------------------- pairing
+    def observe(self, target: Tensor) -> None:
+        """Pair the unpaired captures with ``target``.
+
+        Called after the backward (``step(target=y)``), the forwards it belongs to are the
+        backed ones; the others (no backward) stay unpaired and are dropped at the step.
+        Called before it (Lightning's ``training_step``), every unpaired capture is paired.
+        """
+        self._pairings += 1
+        waiting = [c for c in self.records if c.pairing is None]
+        backed = [c for c in waiting if c.backed]
+        self._pair(backed or waiting, target, self._pairings)
+
+    @contextlib.contextmanager
+    def bind(self, target: Tensor) -> Iterator[None]:
+        """Pair the captures of the forwards inside the block with ``target``."""
+        self._pairings += 1
+        self._bound.append((self._pairings, target))
+        try:
+            yield
+        finally:
+            self._bound.pop()
+
+    def _pair(self, captures: list[Capture], target: Tensor | None, pairing: int) -> None:
+        """Pair captures with ``target``; all samples are built first, so an error changes nothing.
+
+        The newest capture of each layer is the forward the target belongs to: a mismatch
+        there is an error. An older capture that does not fit is another forward (one that
+        raised, or another model's): without a backward it is dropped, with one it is an error.
+        """
+        cache: dict[int, tuple[Tensor, dict[str, int]]] = {}
+        newest = {id(c.layer): c for c in captures}
+        samples: list[Tensor | None] = []
+        for c in captures:
+            try:
+                samples.append(self._sample(c, target, cache))
+            except ValueError:
+                if c.backed or newest[id(c.layer)] is c:
+                    raise
+                samples.append(None)
+        for c, s in zip(captures, samples):
+            if s is None:
+                self.records.remove(c)
+                c.layer.dropped += 1
+            else:
+                c.sample, c.pairing = s, pairing
+
+    def _target_view(self, c: Capture, target: Tensor, cache: dict) -> tuple[Representation, Tensor, dict[str, int]]:
+        rep = self.target
+        where = f"layer {c.layer.name!r}, target"
+        if isinstance(rep, Undeclared):
+            if target.dim() != 1:
+                raise ValueError(undeclared_message(target))
+            rep = _invariant_on(next(iter(c.grid)))
+        assert isinstance(rep, Representation)
+        key = id(rep)
+        if key not in cache:
+            cache[key] = rep.unit_view(target.detach(), where)
+        v, units = cache[key]
+        if rep.axis is not None:
+            self.check_group(rep, v.shape[rep._axis_dim()], where)
+        if not set(units) <= set(c.grid) or any(c.grid[u] != n for u, n in units.items()):
+            raise ValueError(f"{where}: target units {units} (shape {tuple(target.shape)}) do not match "
+                             f"the layer's input units {c.grid}")
+        return rep, v, units
+
+    def _sample(self, c: Capture, target: Tensor | None, cache: dict) -> Tensor:
+        parts = [(rows, self._act(rep, rows.reshape(rows.shape[0], *feat) if feat else rows[:, 0]))
+                 for rep, rows, feat in c.parts]
+        if target is not None:
+            rep, v, units = self._target_view(c, target, cache)
+            rows = _rows(v, units, c.grid, c.index)
+            if not rows.is_floating_point():
+                rows = rows.to(torch.get_default_dtype())
+            feat = tuple(v.shape[len(units):])
+            flat = rows.reshape(rows.shape[0], -1) if rows.dim() > 1 else rows[:, None]
+            if flat.shape[1] != self.target_width(c.layer):
+                raise ValueError(f"layer {c.layer.name!r}, target: {flat.shape[1]} features per unit, but "
+                                 f"{self.target!r} declares {self.target_width(c.layer)}")
+            parts.append((flat, self._act(rep, rows.reshape(rows.shape[0], *feat) if feat else rows)))
+        ids = torch.cat([p[0] for p in parts], -1)
+        moved = torch.cat([m.reshape(m.shape[0], m.shape[1], -1) for _, m in parts], -1)
+        # (1 + k, S, d): the identity copy, then each generator's; features in input order, target last
+        return torch.cat([ids[None], moved.to(ids.dtype)])
 
     def _act(self, rep: Representation, x: Tensor) -> Tensor:
         """``rep.act`` over the generators; the default action's matrices are built and moved once."""
         if type(rep).act is not Representation.act:  # Invariant, Custom, ...: their own action
-            return rep.act(self.group, self._generators, x)
+            return rep.act(self.group, self.generators, x)
         d = rep._axis_dim()
         key = (id(rep), x.shape[d], x.dtype, x.device)
-        cache = self.__dict__.setdefault("_matrices", {})
-        if key not in cache:  # keep rep alive with its matrices, so that id(rep) stays unique
-            cache[key] = (rep, rep.matrices(self.group, self._generators, x.shape[d]).to(dtype=x.dtype,
-                                                                                         device=x.device))
-        D, xm = cache[key][1], x.movedim(d, -1)
+        if key not in self._matrices:  # keep rep alive with its matrices, so that id(rep) stays unique
+            D = rep.matrices(self.group, self.generators, x.shape[d]).to(dtype=x.dtype, device=x.device)
+            self._matrices[key] = (rep, D)
+        D, xm = self._matrices[key][1], x.movedim(d, -1)
         # x' = x @ D(g).T for every g: one (k f, f) x (f, rows) matmul, cheaper than einsum's dispatch
         out = torch.matmul(D, xm.reshape(-1, xm.shape[-1]).mT).mT
         return out.reshape(len(D), *xm.shape).movedim(-1, d)
+
+    # ----------------------------------------------------------------- step
+    def check(self) -> None:
+        """Raise, before the step changes anything, if a backed capture has no target of its own.
+
+        Raises:
+            ValueError: naming the layers and the number of forwards concerned.
+        """
+        unpaired = [c for c in self.records if c.backed and c.pairing is None]
+        if unpaired:
+            names = sorted({c.layer.name for c in unpaired})
+            forwards = max(1, len({c.task for c in unpaired if not c.nested}))
+            raise ValueError(
+                f"layers {names} ran {forwards} training forward(s) with a backward but no target: call "
+                "opt.observe(y) after each forward, wrap it in `with opt.pair(y):`, or pass opt.step(target=y) "
+                "when the step follows a single forward. For input-only l_theta build RECMOptimizer(target=None)")
+        tasks: dict[int, set[int]] = {}
+        for c in self.records:
+            if c.backed and c.pairing is not None and not c.nested:
+                tasks.setdefault(c.pairing, set()).add(c.task)
+        shared = {p: t for p, t in tasks.items() if len(t) > 1}
+        if shared:
+            names = sorted({c.layer.name for c in self.records if c.pairing in shared})
+            forwards = max(len(t) for t in shared.values())
+            raise ValueError(
+                f"one target was paired with {forwards} forwards of layers {names} whose backward ran separately "
+                "(gradient accumulation?): each micro-batch needs its own target, opt.observe(y_i) after its "
+                "forward or `with opt.pair(y_i):` around it; opt.step(target=y) pairs only a single forward")
+
+    def take(self) -> dict[_Layer, list[Capture]]:
+        """Remove every capture; return the paired, backed ones by layer. The others are counted as dropped."""
+        used: dict[_Layer, list[Capture]] = {}
+        for c in self.records:
+            if c.backed and c.pairing is not None and c.sample is not None:
+                used.setdefault(c.layer, []).append(c)
+            else:
+                c.layer.dropped += 1
+        self.clear()
+        return used
+
+    def drop_backed(self) -> None:
+        """Drop the captures whose backward has run (``zero_grad`` drops their gradient)."""
+        self.records = [c for c in self.records if not c.backed]
+
+    def clear(self) -> None:
+        """Forget every capture."""
+        self.records = []
+        self._open.clear()
+
+
+def _in_functorch() -> bool:
+    peek = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
+    return peek is not None and peek() is not None
+
+
+def undeclared_message(target: Tensor) -> str:
+    """The error for a target whose representation was never declared, with the declaration to add."""
+    shape = tuple(target.shape)
+    feat = shape[1:]
+    pattern = "b " + " ".join(f"f{i}" for i in range(len(feat)))
+    sizes = ", ".join(f"f{i}={n}" for i, n in enumerate(feat))
+    vector = ' target=recm.Vector("b xyz") if it rotates with the inputs (a 3-vector per sample),' \
+        if feat == (3,) else ""
+    return (f"the target's representation was never declared, and a target of shape {shape} is not one number "
+            f"per unit. Declare it when building the optimizer:{vector} target=recm.Invariant(\"{pattern}\", "
+            f"{sizes}) if the group leaves it unchanged, or target=None for input-only l_theta (which cannot see "
+            "a target that breaks the symmetry)")
+
+
+def _invariant_on(unit: str) -> Invariant:
+    cached = _INVARIANTS.get(unit)
+    if cached is None:
+        cached = _INVARIANTS[unit] = Invariant(unit)
+    return cached
+
+
+_INVARIANTS: dict[str, Invariant] = {}
+
+
+def _rows(v: Tensor, units: dict[str, int], grid: dict[str, int], index: dict[str, Tensor] | None) -> Tensor:
+    """The kept units' rows ``(S, *features)`` of a unit view ``(*units, *features)``."""
+    return _all_units(v, units, grid) if index is None else v[tuple(index[u] for u in units)]
 
 
 def _all_units(v: Tensor, units: dict[str, int], grid: dict[str, int]) -> Tensor:
@@ -221,19 +495,3 @@ def _unravel(idx: Tensor, sizes: tuple[int, ...]) -> Tensor:
         out.append(idx % n)
         idx = idx // n
     return torch.stack(out[::-1])
-
-
-def _merge_units(grid: dict[str, int], units: dict[str, int], where: str) -> None:
-    for u, n in units.items():
-        if grid.setdefault(u, n) != n:
-            raise ValueError(f"{where}: unit axis {u!r} has size {n}, but another input has {grid[u]}")
-
-
-def _drop_backed(layer: _Layer) -> None:
-    """Drop the captures made before the layer's latest backward (their gradient is gone)."""
-    keep = [e >= layer.backwards for e in layer.input_epochs]
-    layer.inputs = [x for x, k in zip(layer.inputs, keep) if k]
-    layer.input_epochs = [e for e, k in zip(layer.input_epochs, keep) if k]
-    keep = [e >= layer.backwards for e in layer.sample_epochs]
-    layer.samples = [x for x, k in zip(layer.samples, keep) if k]
-    layer.sample_epochs = [e for e, k in zip(layer.sample_epochs, keep) if k]

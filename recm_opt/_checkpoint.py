@@ -1,177 +1,174 @@
-"""Checkpointing for :class:`~recm_opt.optimizer.RECMOptimizer`: ``state_dict``, ``load_state_dict``, resume.
+"""The optimizer's checkpoint: what of RECM is not in the model, keyed by layer name.
 
-The RECM state of each layer (``h``, ``t``, ``gamma_t``, the ``newest`` sample,
-counters and the private generator's state) travels as ``recm_*`` keys inside the
-inner state entry of that layer's ``w_beta``, so the dict keeps the standard
-``{state, param_groups}`` shape. Loading updates the shared param groups and state
-in place, accepts a plain inner-optimizer checkpoint (fresh RECM state, with a
-warning), and schedules the rebuild of the batched coefficients that the saved run
-held for its next forward, so that a resumed run continues bit for bit.
+``h``, ``t``, ``gamma_t`` and the modulation's parameters live in ``model.state_dict()``.
+The optimizer's ``state_dict`` adds, per layer, what only a resumed run needs: the
+newest sample (the gradient path into theta of the next forward), the counters, the
+private generator's state and whether the next forward's coefficients were batched.
+Each layer's entry sits, as ``recm_*`` keys, inside the inner state of that layer's
+``w_beta`` (the standard ``{state, param_groups}`` shape that distributed checkpointing
+expects) and names its layer, so that entries are matched by name, never by position.
+
+Loading checks the whole checkpoint first (names, shapes, dtypes, finite values,
+``t >= 0``) and changes nothing when a check fails. A checkpoint from recm_opt 0.1
+(``recm_h``, ``recm_t``, ``recm_gamma`` in the optimizer, matched by position) is
+converted: its values move into the model.
 """
 
 from __future__ import annotations
 
 import warnings
 from itertools import chain
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import modulation
 from ._layers import _Layer
-from .modulation import Modulation, _stacked_coefficients
+from .modulation import Modulation, check_state
+
+_LEGACY = ("recm_h", "recm_t", "recm_gamma")
 
 
-class _CheckpointMixin:
-    """Checkpoint half of :class:`~recm_opt.optimizer.RECMOptimizer`: save, load, restore and reset RECM state."""
-
-    inner: Optimizer
-    param_groups: Any
-    state: Any
-    skipped_steps: int
-    _rng: torch.Generator
-    _layers: list[_Layer]
-    _pending_rebuild: list[_Layer]
-    _optimizer_state_dict_pre_hooks: Any
-    _optimizer_state_dict_post_hooks: Any
-    _optimizer_load_state_dict_pre_hooks: Any
-    _optimizer_load_state_dict_post_hooks: Any
-
-    if TYPE_CHECKING:
-        def _refresh_live(self) -> None: ...
-
-        def _l_means(self) -> tuple[list[Tensor | None], list[tuple[list[_Layer], Tensor, Tensor]]]: ...
-
-    def state_dict(self) -> dict[str, Any]:
-        """Return the inner state dict with each layer's RECM state under its ``w_beta`` entry.
-
-        Keys are ``recm_*`` inside ``state[i]``, so the dict keeps the standard
-        ``{state, param_groups}`` shape that distributed checkpointing expects, and
-        holds only tensors and plain Python values.
-        """
-        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
-            pre_hook(self)
-        sd = self.inner.state_dict()
-        index = {id(p): i for i, p in enumerate(chain.from_iterable(g["params"] for g in self.param_groups))}
-        for layer in self._layers:
-            i = index[id(layer.mod.w_beta)]
-            sd["state"][i] = {**sd["state"].get(i, {}), **self._layer_state(layer)}
-        for post_hook in self._optimizer_state_dict_post_hooks.values():
-            result = post_hook(self, sd)
-            sd = result if result is not None else sd
-        return sd
-
-    def _layer_state(self, layer: _Layer) -> dict[str, Tensor]:
+def layer_entries(layers: list[_Layer], skipped_steps: int, rng: torch.Generator) -> dict[_Layer, dict[str, Any]]:
+    """Each layer's ``recm_*`` entry for the optimizer's ``state_dict``."""
+    out = {}
+    for layer in layers:
         mod = layer.mod
         newest = mod.newest if mod.newest is not None else torch.zeros(0)
-        return {"recm_h": mod.h.clone(), "recm_t": mod.t.clone(), "recm_gamma": mod.gamma_t.clone(),
-                "recm_newest": newest.clone(), "recm_skipped": torch.tensor(layer.skipped),
-                "recm_skipped_steps": torch.tensor(self.skipped_steps), "recm_rng": self._rng.get_state(),
-                "recm_batched": torch.tensor(_has_precomputed(mod))}
+        out[layer] = {"recm_layer": layer.name, "recm_newest": newest.clone(),
+                      "recm_skipped": torch.tensor(layer.skipped), "recm_dropped": torch.tensor(layer.dropped),
+                      "recm_skipped_steps": torch.tensor(skipped_steps), "recm_rng": rng.get_state(),
+                      "recm_batched": torch.tensor(_has_precomputed(mod))}
+    return out
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict from :meth:`state_dict`, or a plain inner-optimizer one (fresh RECM state).
 
-        The param groups and the state stay the same objects (updated in place), so
-        schedulers and wrappers that hold them keep seeing the inner optimizer's.
-        """
-        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
-            result = pre_hook(self, state_dict)
-            state_dict = result if result is not None else state_dict
-        groups = [dict(g) for g in state_dict["param_groups"]]
-        state = {k: dict(v) for k, v in state_dict["state"].items()}
-        recm = {k: {n: v.pop(n) for n in list(v) if n.startswith("recm_")} for k, v in state.items()}
-        state = {k: v for k, v in state.items() if v}
-        if self._layers and not any(g.get("recm") for g in groups):
-            warnings.warn("state dict has no RECM param group (a plain optimizer checkpoint?): "
-                          "loading the inner state and starting fresh RECM state", stacklevel=2)
-            groups = self._with_fresh_recm_group(groups)
-        self._load_inner({"state": state, "param_groups": groups})
-        saved = list(chain.from_iterable(g["params"] for g in groups))
-        current = [id(p) for p in chain.from_iterable(g["params"] for g in self.param_groups)]
-        batched = []
-        for layer in self._layers:
-            entry = recm.get(saved[current.index(id(layer.mod.w_beta))], {})
-            if entry:
-                self._restore(layer, entry)
-                batched += [layer] if bool(entry.get("recm_batched", False)) else []
-            else:
-                self._reset(layer)
-        self._refresh_live()
-        # Rebuilt at the next training forward: DCP's set_state_dict loads the model after
-        # the optimizer, and loading parameters invalidates what a rebuild now would make.
-        self._pending_rebuild = batched
-        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
-            post_hook(self)
+def save(inner: Optimizer, param_groups: list[dict[str, Any]], layers: list[_Layer], skipped_steps: int,
+         rng: torch.Generator) -> dict[str, Any]:
+    """The inner state dict with each layer's RECM entry under its ``w_beta``."""
+    sd = inner.state_dict()
+    index = {id(p): i for i, p in enumerate(chain.from_iterable(g["params"] for g in param_groups))}
+    for layer, entry in layer_entries(layers, skipped_steps, rng).items():
+        i = index[id(layer.mod.w_beta)]
+        sd["state"][i] = {**sd["state"].get(i, {}), **entry}
+    return sd
 
-    def _load_inner(self, state_dict: dict[str, Any]) -> None:
-        # Optimizer.load_state_dict replaces param_groups and state with new objects;
-        # copy them back into the shared ones so that the sharing survives a resume.
-        groups, state = self.param_groups, self.state
-        self.inner.load_state_dict(state_dict)
-        for old, new in zip(groups, self.inner.param_groups):
-            old.clear()
-            old.update(new)
-        state.clear()
-        state.update(self.inner.state)
-        self.inner.param_groups, self.inner.state = groups, state
 
-    def _with_fresh_recm_group(self, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        pos = next(i for i, g in enumerate(self.param_groups) if g.get("recm"))
-        start = 1 + max(chain.from_iterable(g["params"] for g in groups), default=-1)
-        ours = {k: v for k, v in self.param_groups[pos].items() if k != "params"}
-        ours["params"] = list(range(start, start + len(self.param_groups[pos]["params"])))
-        return groups[:pos] + [ours] + groups[pos:]
+def split(state_dict: dict[str, Any]) -> tuple[dict[str, Any], dict[Any, dict[str, Any]]]:
+    """Separate the inner state dict from the ``recm_*`` entries (by state key)."""
+    if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+        raise ValueError("an optimizer state_dict must have 'state' and 'param_groups' keys, got "
+                         f"{sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__}")
+    groups = [dict(g) for g in state_dict["param_groups"]]
+    state = {k: dict(v) for k, v in state_dict["state"].items()}
+    recm = {k: {n: v.pop(n) for n in list(v) if n.startswith("recm_")} for k, v in state.items()}
+    inner = {"state": {k: v for k, v in state.items() if v}, "param_groups": groups}
+    return inner, {k: v for k, v in recm.items() if v}
 
-    def _restore(self, layer: _Layer, entry: dict[str, Tensor]) -> None:
-        mod = layer.mod
-        mod.h.copy_(entry["recm_h"])
-        mod.t.copy_(entry["recm_t"])
-        mod.gamma_t.copy_(entry["recm_gamma"])
-        newest = entry["recm_newest"]
-        mod.newest = newest.to(device=mod.h.device, dtype=mod.h.dtype) if newest.numel() else None
-        layer.skipped = int(entry["recm_skipped"])
-        self.skipped_steps = int(entry.get("recm_skipped_steps", self.skipped_steps))
-        self._rng.set_state(entry["recm_rng"])
-        layer.inputs, layer.input_epochs, layer.samples, layer.sample_epochs = [], [], [], []
 
-    def _rebuild_precomputed(self, layers: list[_Layer]) -> None:
-        """Rebuild the batched training coefficients the saved run held for its next forward.
+def match(layers: list[_Layer], entries: dict[Any, dict[str, Any]], saved_ids: list[Any],
+          current: list[int]) -> dict[_Layer, dict[str, Any]]:
+    """Each layer's entry: by the name it carries, or (recm_opt 0.1 checkpoints) by its ``w_beta``'s position.
 
-        ``step()`` leaves each layer's next-forward ``(alpha, beta)`` computed in one batched
-        graph (:func:`~recm_opt.modulation._stacked_coefficients`); a freshly loaded optimizer
-        would compute them per layer, which rounds differently. They are a function of the
-        restored state, so the same code path as in ``step()`` (``_l_means`` on the newest
-        sample, grouped alike) rebuilds them bit for bit, and a resumed run continues exactly.
-        """
-        if not layers or not modulation.PRECOMPUTE:
-            return
-        pending = [(layer, layer.samples) for layer in self._layers]
-        for layer in self._layers:
-            newest = layer.mod.newest
-            layer.samples = [(newest, newest.shape[1])] if layer in layers and newest is not None else []
-        try:
-            _, stacked = self._l_means()
-            for group, x, r in stacked:
-                if r.requires_grad:
-                    for layer, sample in zip(group, x.unbind()):
-                        layer.mod.newest = sample
-                    _stacked_coefficients([layer.mod for layer in group], r)
-        finally:
-            for layer, samples in pending:
-                layer.samples = samples
+    Raises:
+        ValueError: for an entry naming no layer of this optimizer.
+    """
+    named = {e["recm_layer"]: e for e in entries.values() if "recm_layer" in e}
+    names = {layer.name for layer in layers}
+    unknown = sorted(set(named) - names)
+    if unknown:
+        raise ValueError(f"the checkpoint has RECM state for layers {unknown}, which this optimizer does not "
+                         f"modulate (its layers: {sorted(names)})")
+    out = {}
+    for layer in layers:
+        if layer.name in named:
+            out[layer] = named[layer.name]
+            continue
+        pos = current.index(id(layer.mod.w_beta)) if id(layer.mod.w_beta) in current else None
+        entry = entries.get(saved_ids[pos]) if pos is not None and pos < len(saved_ids) else None
+        if entry is not None and "recm_layer" not in entry:
+            out[layer] = entry
+    return out
 
-    def _reset(self, layer: _Layer) -> None:
-        """Fresh RECM state (t = 0, h = 0), for a checkpoint that has none for this layer."""
-        mod = layer.mod
-        mod.h.zero_()
-        mod.t.zero_()
-        mod.gamma_t.zero_()
-        mod.newest = None
-        layer.skipped = 0
-        layer.inputs, layer.input_epochs, layer.samples, layer.sample_epochs = [], [], [], []
+
+def check(layers: dict[_Layer, dict[str, Any]]) -> None:
+    """Check every matched entry before anything is loaded.
+
+    Raises:
+        ValueError: naming the layer and the key.
+    """
+    for layer, e in layers.items():
+        where = f"layer {layer.name!r}"
+        if any(k in e for k in _LEGACY):
+            try:
+                check_state({"h": e.get("recm_h"), "t": e.get("recm_t"), "gamma_t": e.get("recm_gamma")}, "",
+                            layer.mod.h.numel())
+            except ValueError as err:
+                raise ValueError(f"{where}, recm_{err}") from err
+        newest = e.get("recm_newest")
+        if newest is not None:
+            if not isinstance(newest, Tensor) or not (newest.numel() == 0 or newest.is_floating_point()):
+                raise ValueError(f"{where}, recm_newest: expected a float tensor, got {_describe(newest)}")
+            if newest.numel() and (newest.dim() != 3 or newest.shape[-1] != layer.mod.in_features):
+                raise ValueError(f"{where}, recm_newest: expected shape (copies, units, {layer.mod.in_features}), "
+                                 f"got {tuple(newest.shape)}")
+            if newest.numel() and not bool(torch.isfinite(newest).all()):
+                raise ValueError(f"{where}, recm_newest: holds NaN/Inf values")
+        for key in ("recm_skipped", "recm_dropped", "recm_skipped_steps"):
+            v = e.get(key)
+            if v is not None and (not isinstance(v, Tensor) or v.numel() != 1 or v.is_floating_point()
+                                  or int(v) < 0):
+                raise ValueError(f"{where}, {key}: expected one integer >= 0, got {_describe(v)}")
+        rng = e.get("recm_rng")
+        if rng is not None and (not isinstance(rng, Tensor) or rng.dtype != torch.uint8):
+            raise ValueError(f"{where}, recm_rng: expected a uint8 generator state, got {_describe(rng)}")
+
+
+def _describe(v: Any) -> str:
+    return f"{v.dtype} of shape {tuple(v.shape)}" if isinstance(v, Tensor) else type(v).__name__
+
+
+def restore(layer: _Layer, e: dict[str, Any], rng: torch.Generator) -> int | None:
+    """Load one checked entry into the layer; return the saved ``skipped_steps`` (if any)."""
+    mod = layer.mod
+    if "recm_h" in e:  # recm_opt 0.1: the recurrence state moves into the model
+        with torch.no_grad():
+            mod.h.copy_(e["recm_h"])
+            mod.t.copy_(e["recm_t"])
+            mod.gamma_t.copy_(e["recm_gamma"])
+    newest = e.get("recm_newest", torch.zeros(0))
+    mod.newest = newest.to(device=mod.h.device, dtype=mod.h.dtype) if newest.numel() else None
+    layer.skipped = int(e.get("recm_skipped", 0))
+    layer.dropped = int(e.get("recm_dropped", 0))
+    if "recm_rng" in e:
+        rng.set_state(e["recm_rng"])
+    return int(e["recm_skipped_steps"]) if "recm_skipped_steps" in e else None
+
+
+def fresh_recm_group(groups: list[dict[str, Any]], param_groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A plain inner-optimizer checkpoint's groups, with this optimizer's RECM group inserted (fresh state)."""
+    warnings.warn("state dict has no RECM param group (a plain optimizer checkpoint?): loading the inner state; "
+                  "RECM's state is what the model holds", stacklevel=3)
+    pos = next(i for i, g in enumerate(param_groups) if g.get("recm"))
+    start = 1 + max(chain.from_iterable(g["params"] for g in groups), default=-1)
+    ours = {k: v for k, v in param_groups[pos].items() if k != "params"}
+    ours["params"] = list(range(start, start + len(param_groups[pos]["params"])))
+    return groups[:pos] + [ours] + groups[pos:]
+
+
+def load_inner(inner: Optimizer, param_groups: list[dict[str, Any]], state: Any, state_dict: dict[str, Any]) -> None:
+    """Load the inner optimizer, keeping the shared ``param_groups`` and ``state`` objects.
+
+    ``Optimizer.load_state_dict`` replaces them with new objects; copying back keeps the
+    sharing (schedulers and wrappers hold them) across a resume.
+    """
+    inner.load_state_dict(state_dict)
+    for old, new in zip(param_groups, inner.param_groups):
+        old.clear()
+        old.update(new)
+    state.clear()
+    state.update(inner.state)
+    inner.param_groups, inner.state = param_groups, state
 
 
 def _has_precomputed(mod: Modulation) -> bool:
@@ -181,4 +178,3 @@ def _has_precomputed(mod: Modulation) -> bool:
         return False
     with torch.enable_grad():
         return pre.get(mod) is not None
-

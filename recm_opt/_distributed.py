@@ -1,4 +1,4 @@
-"""DDP support for :class:`~recm_opt.optimizer.RECMOptimizer`: keep every rank's ``h`` identical.
+"""DDP support for :class:`~recm_opt.optimizer.RECMOptimizer`, as functions: keep every rank's ``h`` identical.
 
 Each rank captures its own shard of the batch, so ``l_theta`` is averaged over
 the ranks that captured the layer (one collective for all layers), and the
@@ -16,39 +16,38 @@ from torch import Tensor
 from ._layers import _Layer
 
 
-class _DistributedMixin:
-    """DDP half of :class:`~recm_opt.optimizer.RECMOptimizer`: average the modulation gradients."""
-
-    _layers: list[_Layer]
-
-    def _sync_grads(self) -> None:
-        if not _distributed():
-            return
-        params = [p for layer in self._layers for p in layer.mod.parameters()]  # same list on every rank
-        if not params:
-            return
-        has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=params[0].device)
-        dist.all_reduce(has)
-        grads: list[Tensor] = []
-        for p, h in zip(params, has.tolist()):
-            if h > 0:  # a rank without this gradient contributes zeros to the average
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                grads.append(p.grad)
-        if grads:
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat)
-            flat /= dist.get_world_size()
-            for g, part in zip(grads, flat.split([g.numel() for g in grads])):
-                g.copy_(part.view_as(g))
+def sync_grads(layers: list[_Layer]) -> None:
+    """Average the modulation parameters' gradients over the ranks (a no-op without DDP)."""
+    if not _distributed():
+        return
+    params = [p for layer in layers for p in layer.mod.parameters()]  # same list on every rank
+    if not params:
+        return
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=params[0].device)
+    dist.all_reduce(has)
+    grads: list[Tensor] = []
+    for p, h in zip(params, has.tolist()):
+        if h > 0:  # a rank without this gradient contributes zeros to the average
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+    if grads:
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g))
 
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _all_reduce_mean(ls: list[Tensor | None]) -> list[Tensor | None]:
-    """Average each layer's l over the ranks that captured it (one collective for all layers)."""
+def all_reduce_mean(ls: list[Tensor | None]) -> list[Tensor | None]:
+    """Average each layer's l over the ranks that captured it (one collective for all layers).
+
+    Every rank passes one entry per layer it modulates, ``None`` where it captured nothing.
+    """
     if not _distributed():
         return ls
     ref = next((l for l in ls if l is not None), None)

@@ -1,28 +1,32 @@
-"""Tagged-layer discovery and book-keeping for :class:`~recm_opt.optimizer.RECMOptimizer`.
+"""Tagged layers: find them, check them, size their ``r_theta`` and attach their modulation.
 
-At construction the optimizer walks ``model.modules()`` for ``@relaxed`` layers,
-checks that each can be modulated (its parameters are in the inner optimizer, its
-terms name parameters or submodules, its vector/irreps inputs match the group),
-and only then attaches one :class:`~recm_opt.modulation.Modulation` per layer, so
-that a failed check leaves the model as it was. :class:`_Layer` holds what the
-optimizer tracks per layer between steps: pending captures, samples and counters.
+At construction the optimizer walks ``model.named_modules()`` for ``@relaxed`` layers
+and checks each one (its parameters are in the inner optimizer, its terms name
+parameters or submodules, its vector and irreps inputs match the group) before it
+changes anything. ``r_theta``'s input width is the number of per-unit features of
+the layer's inputs plus the target's; it comes from the representations' declared
+sizes or from one forward of an explicit example batch. A layer that already
+carries a modulation (loaded with the model, or left by an earlier optimizer) keeps
+it, with its state. :class:`_Layer` is the optimizer's record of one tagged layer.
 """
 
 from __future__ import annotations
 
-import inspect
+import math
 from collections.abc import Callable, Mapping
-from typing import Any, cast
+from dataclasses import dataclass, field
+from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .groups import Group
 from .modulation import Modulation
-from .reps import Irreps, Representation, Vector
-from .tagging import _MODULATION, Relaxation, get_relaxation
+from .reps import Irreps, Representation, Vector, _axes
+from .tagging import _MODULATION, Relaxation, equivariant_parameters, get_relaxation
 
 _PREFIXES = ("_orig_mod", "module")
+
 
 def layer_name(name: str) -> str:
     """Strip the ``_orig_mod.`` (torch.compile) and ``module.`` (DDP) path segments from a name.
@@ -34,133 +38,179 @@ def layer_name(name: str) -> str:
     return ".".join(p for p in name.split(".") if p not in _PREFIXES)
 
 
+@dataclass(eq=False)
 class _Layer:
-    """Book-keeping for one tagged layer: its modulation, pending captures and counters."""
+    """The optimizer's record of one tagged layer: its modulation and counters."""
 
-    def __init__(self, name: str, module: nn.Module, mod: Modulation) -> None:
-        self.name, self.module, self.mod = name, module, mod
+    name: str
+    module: nn.Module
+    mod: Modulation
+    tag: Relaxation
+    positions: dict[str, int]  # argument position of each declared input of ``equivariant``
+    term_params: dict[str, list[nn.Parameter]]
+    skipped: int = 0  # captures with NaN/Inf values, never reaching h
+    dropped: int = 0  # captures whose backward never ran (eval-like, failed or foreign forwards)
+    warned: bool = False
+    handles: list[Any] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class _Found:
+    """A tagged layer found in the model, checked, not yet attached."""
+
+    name: str
+    module: nn.Module
+    tag: Relaxation
+
+    @property
+    def existing(self) -> Modulation | None:
+        mod = self.module._modules.get(_MODULATION)
+        return mod if isinstance(mod, Modulation) else None
+
+
+def find_layers(model: nn.Module, inner: Optimizer, check_group: Callable[[Representation, int, str], None]
+                ) -> list[_Found]:
+    """Return the tagged layers by stable name, after checking each one can be modulated."""
+    inner_params = {id(p) for g in inner.param_groups for p in g["params"]}
+    found, names = [], set()
+    for name, module in model.named_modules():
         tag = get_relaxation(module)
-        assert tag is not None
-        self.tag = tag
-        params = [p for p in inspect.signature(cast(Callable[..., Any], module.equivariant)).parameters]
-        self.positions = {n: params.index(n) for n in tag.inputs}
-        self.inputs: list[list[tuple[str, Representation, Tensor, dict[str, int]]]] = []  # unit views awaiting a target
-        self.samples: list[tuple[Tensor, int]] = []  # (stacked sample, units it stands for)
-        self.skipped = 0
-        self.warned = False
-        # Backward passes through this layer so far, and the count at each pending
-        # capture: zero_grad() drops captures whose gradient it drops.
-        self.backwards = 0
-        self.input_epochs: list[int] = []
-        self.sample_epochs: list[int] = []
-        self.term_params = {
-            t: [p for a in attrs for p in _attr_params(module, a)] for t, attrs in tag.terms.items()
-        }
-
-
-def _freeze_until_materialized(mod: nn.Module) -> None:
-    """Keep lazy (shape-less) parameters out of gradient work until their first batch.
-
-    ``r_theta``'s input width is known only at the first captured batch. Until then its
-    uninitialised parameters have ``requires_grad=False``, so DCP's zero-gradient
-    initialisation (``zeros_like`` on every trainable parameter) and optimizers skip
-    them. They thaw once materialised: by the first forward (a pre-hook that runs
-    right after the lazy module's own) or by loading a state dict.
-    """
-    for sub in mod.modules():
-        lazy: list[nn.Parameter] = [
-            p for p in sub.parameters(recurse=False) if isinstance(p, nn.parameter.UninitializedParameter)
-        ]
-        if not lazy:
+        if tag is None:
             continue
-        for p in lazy:
-            p.requires_grad = False
-        handles: list[Any] = []
+        name = layer_name(name) or type(module).__name__
+        if name in names:
+            continue  # the same module reached twice (a shared layer)
+        names.add(name)
+        missing = [n for n, p in module.named_parameters() if id(p) not in inner_params and _MODULATION not in n]
+        if missing:
+            raise ValueError(f"layer {name!r}: parameters {missing} are not in the inner optimizer")
+        for attrs in tag.terms.values():
+            for attr in attrs:
+                attr_params(module, attr, name)
+        for arg, rep in tag.inputs.items():
+            size = rep.size if isinstance(rep, Vector) else 3 if isinstance(rep, Irreps) else None
+            if size is not None:
+                check_group(rep, size, f"layer {name!r}, input {arg!r}")
+        found.append(_Found(name, module, tag))
+    return found
 
-        def thaw(*_: Any, lazy: list[nn.Parameter] = lazy, handles: list[Any] = handles) -> None:
-            if not any(isinstance(p, nn.parameter.UninitializedParameter) for p in lazy):
-                for p in lazy:
-                    p.requires_grad = True
-                for handle in handles:
-                    handle.remove()
 
-        handles += [sub.register_forward_pre_hook(thaw), sub.register_load_state_dict_post_hook(thaw)]
-
-
-def _attr_params(module: nn.Module, attr: str) -> list[nn.Parameter]:
+def attr_params(module: nn.Module, attr: str, name: str = "") -> list[nn.Parameter]:
+    """The parameters a term attribute names (a parameter or a submodule)."""
     obj = getattr(module, attr, None)
     if isinstance(obj, nn.Parameter):
         return [obj]
     if isinstance(obj, nn.Module):
         return list(obj.parameters())
-    raise ValueError(f"term attribute {attr!r} of {type(module).__name__} is not a parameter or submodule")
+    where = f"layer {name!r}: " if name else ""
+    raise ValueError(f"{where}term attribute {attr!r} of {type(module).__name__} is not a parameter or submodule")
 
 
-class _LayersMixin:
-    """Set-up half of :class:`~recm_opt.optimizer.RECMOptimizer`: find, check and attach tagged layers."""
+def make_layer(found: _Found, mod: Modulation) -> _Layer:
+    """The record of an attached layer."""
+    params = [p.name for p in equivariant_parameters(found.module)]
+    positions = {n: params.index(n) for n in found.tag.inputs}
+    term_params = {t: [p for a in attrs for p in attr_params(found.module, a)] for t, attrs in found.tag.terms.items()}
+    return _Layer(found.name, found.module, mod, found.tag, positions, term_params)
 
-    inner: Optimizer
-    group: Group
-    target: Representation | None
-    prune_eps: float
-    _generators: Tensor
-    _group_checked: set[tuple[int, int]]
 
-    def _attach(self, model: nn.Module, state_dim: int, hidden: int, seed: int,
-                beta_fn: Callable[[Tensor], Tensor], skip_pruned: bool) -> list[_Layer]:
-        layers: list[_Layer] = []
-        for name, module, tag in self._find_layers(model):  # all checks first: a failure leaves the model as it was
-            mod = self._make_modulation(tag.term_names, state_dim, hidden, seed + 7919 * len(layers), beta_fn)
-            ref = next(iter(module.parameters()), None)
-            if ref is not None:
-                mod.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
-            mod.train_all_live = not skip_pruned
-            mod.prune_eps = self.prune_eps
-            _freeze_until_materialized(mod)
-            module.add_module(_MODULATION, mod)
-            layers.append(_Layer(name, module, mod))
-        return layers
+# ------------------------------------------------------------------ widths
+def input_widths(found: list[_Found], model: nn.Module, example: Any, target_width: int,
+                 target: Representation | None) -> dict[str, int]:
+    """``r_theta``'s input width for every layer without a modulation: declared, or from ``example``.
 
-    def _make_modulation(self, terms: tuple[str, ...], state_dim: int, hidden: int, seed: int,
-                         beta_fn: Callable[[Tensor], Tensor]) -> Modulation:
-        """Create one layer's modulation; relaxation policies (:mod:`recm_opt.policies`) override it."""
-        return Modulation(terms, state_dim, hidden, seed, beta_fn)
+    Raises:
+        ValueError: listing the layers and inputs whose sizes are unknown, and how to declare them.
+    """
+    need = [f for f in found if f.existing is None]
+    widths: dict[str, int] = {}
+    unknown: list[_Found] = []
+    for f in need:
+        ws = [rep.feature_width() for rep in f.tag.inputs.values()]
+        if all(w is not None for w in ws):
+            widths[f.name] = sum(w for w in ws if w is not None) + target_width
+        else:
+            unknown.append(f)
+    if unknown and example is not None:
+        probed = _probe(model, example, unknown)
+        for f in unknown:
+            if f.name in probed:
+                widths[f.name] = probed[f.name] + target_width
+        unknown = [f for f in unknown if f.name not in widths]
+        if unknown:
+            raise ValueError(f"layers {[f.name for f in unknown]} did not run in a forward of the example batch, "
+                             "so their input widths are unknown: pass an example that reaches every tagged layer")
+    if unknown:
+        lines = [f"  layer {f.name!r}, input {arg!r}: {rep!r} has no size for axes {_unsized(rep)}"
+                 for f in unknown for arg, rep in f.tag.inputs.items() if rep.feature_width() is None]
+        raise ValueError(
+            "r_theta's input width must be known when the optimizer is built, and these inputs do not declare "
+            "every feature size:\n" + "\n".join(lines) + "\nEither pass an example batch of model inputs, "
+            "RECMOptimizer(..., example=x) (one forward under no_grad in eval mode reads the widths), or "
+            "declare the sizes, e.g. recm.Vector(\"b c xyz\", c=4)")
+    return widths
 
-    def _find_layers(self, model: nn.Module) -> list[tuple[str, nn.Module, Relaxation]]:
-        """Return the tagged layers by stable name, after checking each one can be modulated."""
-        inner_params = {id(p) for g in self.inner.param_groups for p in g["params"]}
-        found = []
-        for name, module in model.named_modules():
-            tag = get_relaxation(module)
-            if tag is None:
-                continue
-            name = layer_name(name) or type(module).__name__
-            if _MODULATION in module._modules:
-                raise ValueError(f"layer {name!r} is already registered with another RECMOptimizer")
-            missing = [n for n, p in module.named_parameters() if id(p) not in inner_params]
-            if missing:
-                raise ValueError(f"layer {name!r}: parameters {missing} are not in the inner optimizer")
-            for attrs in tag.terms.values():
-                for attr in attrs:
-                    _attr_params(module, attr)
-            self._check_static_reps(name, tag.inputs)
-            found.append((name, module, tag))
-        if found and isinstance(self.target, Vector):
-            self._check_group(self.target, self.target.size, "target")
-        return found
 
-    def _check_static_reps(self, name: str, inputs: Mapping[str, Representation]) -> None:
-        """Fail at construction when a vector or irreps input cannot be acted on by the group."""
-        for arg, rep in inputs.items():
-            size = rep.size if isinstance(rep, Vector) else 3 if isinstance(rep, Irreps) else None
-            if size is not None:
-                self._check_group(rep, size, f"layer {name!r}, input {arg!r}")
+def _unsized(rep: Representation) -> list[str]:
+    return [n for n in _axes(rep.pattern) if n not in rep.units and rep._known_size(n) is None]
 
-    def _check_group(self, rep: Representation, size: int, where: str) -> None:
-        if rep.axis is None or (id(rep), size) in self._group_checked:
-            return
-        try:
-            rep.matrices(self.group, self._generators[:1], size)
-        except ValueError as err:
-            raise ValueError(f"{where}: {rep!r} does not match the group {self.group!r} ({err})") from err
-        self._group_checked.add((id(rep), size))
+
+def _probe(model: nn.Module, example: Any, layers: list[_Found]) -> dict[str, int]:
+    """Run one no-grad eval forward of ``example`` and read each layer's per-unit input width."""
+    seen: dict[str, int] = {}
+
+    def hook_for(f: _Found) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if f.name in seen:
+                return
+            params = [p.name for p in equivariant_parameters(module)]
+            width = 0
+            for arg, rep in f.tag.inputs.items():
+                pos = params.index(arg)
+                x = args[pos] if pos < len(args) else kwargs.get(arg)
+                if not isinstance(x, Tensor):
+                    raise ValueError(f"layer {f.name!r}: declared input {arg!r} is not a tensor in the example "
+                                     f"forward (got {type(x).__name__})")
+                v, units = rep.unit_view(x.detach(), f"layer {f.name!r}, input {arg!r}")
+                width += math.prod(v.shape[len(units):])
+            seen[f.name] = width
+        return hook
+
+    handles = [f.module.register_forward_pre_hook(hook_for(f), with_kwargs=True) for f in layers]
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            try:
+                if isinstance(example, Mapping):
+                    model(**example)
+                elif isinstance(example, tuple):
+                    model(*example)
+                else:
+                    model(example)
+            except ValueError:
+                raise
+            except Exception as err:
+                raise ValueError(f"the example batch failed in the model's forward ({type(err).__name__}: {err}); "
+                                 "example= takes model inputs: a tensor, a tuple of positional inputs or a dict "
+                                 "of keyword inputs") from err
+    finally:
+        for handle in handles:
+            handle.remove()
+        for m, mode in modes.items():
+            m.training = mode
+    return seen
+
+
+def attach(layer: _Layer) -> None:
+    """Put the layer's modulation on the module (the one mutation of attaching)."""
+    if layer.module._modules.get(_MODULATION) is not layer.mod:
+        layer.module.add_module(_MODULATION, layer.mod)
+
+
+def to_layer_device(mod: Modulation, module: nn.Module) -> Modulation:
+    """Move a new modulation to the layer's device and floating dtype."""
+    ref = next((p for n, p in module.named_parameters() if _MODULATION not in n), None)
+    if ref is not None:
+        mod.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
+    return mod

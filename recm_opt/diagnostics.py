@@ -55,8 +55,7 @@ def lipschitz_bound(source: nn.Module) -> float:
         ``||W2||_2 * Lip(GELU) * ||W1||_2`` (see :meth:`Modulation.lipschitz_bound`).
 
     Example:
-        >>> mod = Modulation(("weight",), state_dim=4)
-        >>> _ = mod.l_theta(torch.zeros(2, 1, 3))   # r_theta learns its input width
+        >>> mod = Modulation(("weight",), state_dim=4, in_features=3)
         >>> lipschitz_bound(mod) > 0
         True
     """

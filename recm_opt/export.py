@@ -41,14 +41,16 @@ def _term_param_ids(module: nn.Module, attrs: tuple[str, ...]) -> set[int]:
     return out
 
 
-def layer_row(name: str, module: nn.Module, skipped: int = 0) -> dict[str, Any]:
+def layer_row(name: str, module: nn.Module, skipped: int = 0, dropped: int = 0, gaps: bool = False
+              ) -> dict[str, Any]:
     """Return the report row of one tagged layer (attached to an optimizer or not).
 
     Keys: ``name``, ``alpha`` (term -> value), ``beta``, ``h_norm``, ``t``, ``kept``,
-    ``pruned``, ``skipped``, ``params_before`` (the layer with every term),
-    ``params_after`` (after export) and ``params_equivariant`` (no terms); once the
-    layer has seen a batch also ``lipschitz``, ``gap_w1`` and ``alpha_bound`` (see
-    :mod:`recm_opt.diagnostics`).
+    ``pruned``, ``skipped`` (captures with NaN/Inf), ``dropped`` (captures whose
+    backward never ran), ``params_before`` (the layer with every term),
+    ``params_after`` (after export) and ``params_equivariant`` (no terms); with
+    ``gaps`` and once the layer has a sample also ``lipschitz``, ``gap_w1`` and
+    ``alpha_bound`` (see :mod:`recm_opt.diagnostics`).
     """
     tag = get_relaxation(module)
     if tag is None:
@@ -68,11 +70,11 @@ def layer_row(name: str, module: nn.Module, skipped: int = 0) -> dict[str, Any]:
     pruned_ids = set().union(*(term_ids[n] for n in tag.terms if n not in kept))
     return {
         "name": name, "alpha": alpha, "beta": beta, "h_norm": h_norm, "t": t,
-        "kept": kept, "pruned": [n for n in tag.terms if n not in kept], "skipped": skipped,
+        "kept": kept, "pruned": [n for n in tag.terms if n not in kept], "skipped": skipped, "dropped": dropped,
         "params_before": _count(module, mod_ids),
         "params_after": _count(module, mod_ids | pruned_ids),
         "params_equivariant": _count(module, mod_ids | all_terms),
-        **(_symmetry_keys(mod) if mod is not None else {}),
+        **(_symmetry_keys(mod) if mod is not None and gaps else {}),
     }
 
 
@@ -133,6 +135,14 @@ def format_report(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _remove_capture_hooks(module: nn.Module) -> None:
+    from ._capture import _Hook
+
+    for hooks in (module._forward_pre_hooks, module._forward_hooks):
+        for key in [k for k, h in hooks.items() if isinstance(h, _Hook)]:
+            del hooks[key]
+
+
 @torch.no_grad()
 def export(model: nn.Module, eps: float | None = None) -> nn.Module:
     """Return a plain copy of ``model`` with alpha/beta baked in and pruned terms removed.
@@ -159,7 +169,7 @@ def export(model: nn.Module, eps: float | None = None) -> nn.Module:
                 for attr in tag.terms[name]:
                     delattr(module, attr)
         del module._modules[_MODULATION]
-        module._forward_pre_hooks.clear()
+        _remove_capture_hooks(module)
         module.register_buffer("recm_alpha", alpha[kept].clone())
         module.register_buffer("recm_beta", beta.clone())
         object.__setattr__(module, _BAKED, tuple(mod.terms[i] for i in kept))

@@ -16,11 +16,13 @@ export all see the same alpha and beta, also across DDP ranks.
 
 from __future__ import annotations
 
+import json
 import math
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from types import FrameType
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.utils.checkpoint
@@ -166,34 +168,60 @@ def _in_reentrant_recompute() -> bool:
     return False
 
 
-class _SeededLazyLinear(nn.LazyLinear):
-    """LazyLinear whose materialised weights come from a private seeded generator.
+def _seeded_linear(in_features: int, out_features: int, seed: int) -> nn.Linear:
+    """``nn.Linear`` initialised from a private seeded generator, ``U(-1/sqrt(in), 1/sqrt(in))``.
 
-    The input width of ``r_theta`` is only known at the first captured batch; a
-    private generator keeps that initialisation identical across DDP ranks and off
+    The private generator keeps the initialisation identical across DDP ranks and off
     the user's global RNG stream.
     """
+    layer = nn.Linear(in_features, out_features)
+    g = torch.Generator().manual_seed(seed)
+    bound = 1 / math.sqrt(in_features)
+    with torch.no_grad():
+        layer.weight.copy_(torch.rand(layer.weight.shape, generator=g) * 2 * bound - bound)
+        layer.bias.copy_(torch.rand(layer.bias.shape, generator=g) * 2 * bound - bound)
+    return layer
 
-    def __init__(self, out_features: int, seed: int) -> None:
-        super().__init__(out_features)
-        self._seed = seed
 
-    def reset_parameters(self) -> None:  # noqa: D102
-        if self.has_uninitialized_params() or not hasattr(self, "_seed") or self.in_features == 0:
-            return
-        g = torch.Generator().manual_seed(self._seed)
-        bound = 1 / math.sqrt(self.in_features)
-        with torch.no_grad():
-            self.weight.copy_(torch.rand(self.weight.shape, generator=g) * 2 * bound - bound)
-            self.bias.copy_(torch.rand(self.bias.shape, generator=g) * 2 * bound - bound)
+# Modulation classes by ``kind``: a checkpoint names the kind, so that loading it into a fresh
+# model rebuilds the right class (policies register their own kinds by subclassing).
+_KINDS: dict[str, type[Modulation]] = {}
+
+
+def config_to_tensor(config: dict[str, Any]) -> Tensor:
+    """A configuration as a uint8 tensor of its compact, key-sorted JSON."""
+    return torch.tensor(list(json.dumps(config, sort_keys=True, separators=(",", ":")).encode()), dtype=torch.uint8)
+
+
+def config_from(value: Any) -> Any:
+    """The configuration a checkpoint holds (a uint8 JSON tensor, or a plain dict); other values unchanged."""
+    if isinstance(value, Tensor) and value.dtype == torch.uint8 and value.dim() == 1:
+        return json.loads(bytes(value.tolist()).decode())
+    return value
+
+
+def modulation_from_config(terms: Sequence[str], config: dict[str, Any]) -> Modulation:
+    """Rebuild an (untrained) modulation from the ``config()`` a checkpoint carries.
+
+    Raises:
+        ValueError: if the checkpoint names a kind no imported class registered.
+    """
+    kind = config.get("kind")
+    cls = _KINDS.get(str(kind))
+    if cls is None:
+        raise ValueError(f"checkpoint holds a modulation of kind {kind!r}; known kinds: {sorted(_KINDS)} "
+                         "(import the module that defines it before loading)")
+    return cls.from_config(terms, config)
 
 
 class Modulation(nn.Module):
     """RECM's learned modulation of one tagged layer (created by ``RECMOptimizer``).
 
     Parameters (trained by the wrapped optimizer): ``r_theta`` (2-layer GELU MLP),
-    ``w_alpha`` (K x m) and ``w_beta`` (m). Buffers (not in ``state_dict``; the
-    optimizer checkpoints them): ``h``, ``gamma_t`` and ``t``.
+    ``w_alpha`` (K x m) and ``w_beta`` (m). Buffers, saved in the model's
+    ``state_dict`` like BatchNorm's running statistics: ``h``, ``gamma_t`` and ``t``.
+    The configuration (kind, sizes, ``prune_eps``) travels as the module's extra
+    state, so that loading a checkpoint into a fresh model rebuilds the modulation.
 
     Args:
         terms: the names of the K unconstrained terms.
@@ -201,17 +229,26 @@ class Modulation(nn.Module):
         hidden: width of ``r_theta``'s hidden layer.
         seed: seed of the private generator that initialises the parameters.
         beta_fn: the map ``k`` with ``k(0) = 1``.
+        in_features: width of ``r_theta``'s input: the per-unit features of the
+            layer's inputs and of the target.
     """
+
+    kind = "recm"
 
     # Buffers and parameters, typed for readers and mypy (nn.Module.__getattr__ is untyped).
     h: Tensor
     gamma_t: Tensor
     t: Tensor
+    newest: Tensor | None
     w_alpha: nn.Parameter
     w_beta: nn.Parameter
     r_theta: nn.Sequential
     beta_fn: Callable[[Tensor], Tensor]
-    prune_eps: float  # set by the optimizer that attaches the modulation
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "kind" in cls.__dict__:
+            _KINDS[cls.kind] = cls
 
     def __init__(
         self,
@@ -220,11 +257,16 @@ class Modulation(nn.Module):
         hidden: int = 16,
         seed: int = 0,
         beta_fn: Callable[[Tensor], Tensor] = one_plus_tanh,
+        *,
+        in_features: int,
     ) -> None:
         super().__init__()
+        if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
+            raise ValueError(f"in_features must be an int >= 1, got {in_features!r}")
         g = torch.Generator().manual_seed(seed)
         self.terms = tuple(terms)
-        self.r_theta = nn.Sequential(_SeededLazyLinear(hidden, seed + 1), nn.GELU(), nn.Linear(hidden, state_dim))
+        self.r_theta = nn.Sequential(_seeded_linear(in_features, hidden, seed + 1), nn.GELU(),
+                                     nn.Linear(hidden, state_dim))
         bound = 1 / math.sqrt(hidden)
         with torch.no_grad():
             for p in self.r_theta[2].parameters():
@@ -238,13 +280,91 @@ class Modulation(nn.Module):
         """``w_beta`` (zero: beta = 1), the buffers ``h``, ``gamma_t``, ``t`` and the optimizer's slots."""
         self.w_beta = nn.Parameter(torch.zeros(state_dim))
         self.beta_fn = beta_fn
-        self.register_buffer("h", torch.zeros(state_dim), persistent=False)
-        self.register_buffer("gamma_t", torch.zeros(()), persistent=False)
-        self.register_buffer("t", torch.zeros((), dtype=torch.long), persistent=False)
+        self.register_buffer("h", torch.zeros(state_dim))
+        self.register_buffer("gamma_t", torch.zeros(()))
+        self.register_buffer("t", torch.zeros((), dtype=torch.long))
         # Filled by the optimizer: the stacked (1 + |C_G|, S, d) sample behind h's newest term.
-        self.newest: Tensor | None = None
+        # Not a buffer (its shape is the last batch's, and AveragedModel copies buffers between
+        # models); _apply moves it with .to() / .double(); the optimizer's state_dict saves it.
+        self.newest = None
         self.live: tuple[bool, ...] = (False,) * len(self.terms)
         self.train_all_live = True
+        self.prune_eps = 0.01
+
+    # ----------------------------------------------------------- configuration
+    @property
+    def in_features(self) -> int:
+        """Width of ``r_theta``'s input (per-unit features of the inputs and the target)."""
+        return int(cast(nn.Linear, self.r_theta[0]).in_features)
+
+    def config(self) -> dict[str, Any]:
+        """The plain-value description that rebuilds this modulation (:func:`modulation_from_config`)."""
+        return {"kind": self.kind, "terms": list(self.terms), "state_dim": self.h.numel(),
+                "hidden": cast(nn.Linear, self.r_theta[0]).out_features, "in_features": self.in_features,
+                **self._eval_config()}
+
+    def _eval_config(self) -> dict[str, Any]:
+        beta = getattr(self.beta_fn, "__qualname__", None) if self.beta_fn is not one_plus_tanh else "one_plus_tanh"
+        return {"prune_eps": float(self.prune_eps), "train_all_live": bool(self.train_all_live), "beta_fn": beta}
+
+    @classmethod
+    def from_config(cls, terms: Sequence[str], config: dict[str, Any]) -> Modulation:
+        """Build an untrained modulation of this kind from :meth:`config` (its tensors load afterwards)."""
+        return cls(terms, int(config["state_dim"]), int(config["hidden"]), in_features=int(config["in_features"]))
+
+    def get_extra_state(self) -> Tensor:
+        """The configuration as UTF-8 JSON bytes in a uint8 tensor.
+
+        A tensor, so that every checkpoint format takes it: ``weights_only`` loading,
+        safetensors (the Hugging Face Trainer's default) and distributed checkpointing.
+        """
+        return config_to_tensor(self.config())
+
+    def set_extra_state(self, state: Any) -> None:  # noqa: D102
+        state = config_from(state)
+        if not isinstance(state, dict) or state.get("kind") != self.kind:
+            kind = state.get("kind") if isinstance(state, dict) else state
+            raise ValueError(f"checkpoint holds a modulation of kind {kind!r}, this layer has {self.kind!r}")
+        self.prune_eps = float(state.get("prune_eps", self.prune_eps))
+        self.train_all_live = bool(state.get("train_all_live", self.train_all_live))
+        beta = state.get("beta_fn", "one_plus_tanh")
+        if beta != "one_plus_tanh" and self.beta_fn is one_plus_tanh:
+            warnings.warn(f"the checkpoint's modulation used beta_fn {beta!r}, which is not saved; pass it again "
+                          "(RECMOptimizer(beta_fn=...)) before using the model", stacklevel=2)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: dict,
+                              strict: bool, missing_keys: list[str], unexpected_keys: list[str],
+                              error_msgs: list[str]) -> None:
+        if prefix + "h" not in state_dict and prefix + "w_beta" in state_dict:
+            # recm_opt 0.1 kept h, t and gamma_t in the optimizer's state_dict only (torch does not
+            # tell this hook whether the load is strict: a strict one fails on the missing keys)
+            warnings.warn(
+                f"{prefix}h, {prefix}t, {prefix}gamma_t are missing: the checkpoint was saved by recm_opt 0.1, "
+                "which kept them in the optimizer's state_dict. Convert it by loading both: "
+                "model.load_state_dict(model_sd, strict=False), then opt.load_state_dict(opt_sd), which moves "
+                "them into the model; save the model again to get the current format", stacklevel=4)
+        else:
+            check_state(state_dict, prefix, self.h.numel())
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        self.refresh_live()
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> Modulation:  # type: ignore[override]
+        out = super()._apply(fn, recurse)
+        if self.newest is not None:
+            self.newest = fn(self.newest)
+        return out
+
+    @torch.no_grad()
+    def refresh_live(self) -> None:
+        """Recompute which terms are kept (``|alpha_i| >= prune_eps``) from the current state."""
+        self.live = tuple(bool(a) for a in (self.coefficients()[0].abs() >= self.prune_eps).tolist())
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The owning optimizer and the step-time graph belong to one process and one run.
+        state = dict(self.__dict__)
+        state.pop("_owner", None)
+        return state
 
     def l_theta(self, sample: Tensor) -> Tensor:
         """Return ``l_theta`` for a stacked sample ``(1 + k, S, d)``: identity copy first.
@@ -278,13 +398,8 @@ class Modulation(nn.Module):
         return alpha, beta
 
     def lipschitz_bound(self) -> float:
-        """Return B, a certified Lipschitz constant of ``r_theta``: ``||W2|| * Lip(GELU) * ||W1||``.
-
-        Spectral norms; ``r_theta`` must have seen data (its input width is lazy).
-        """
+        """Return B, a certified Lipschitz constant of ``r_theta``: ``||W2|| * Lip(GELU) * ||W1||`` (spectral norms)."""
         w1, w2 = cast(Tensor, self.r_theta[0].weight), cast(Tensor, self.r_theta[2].weight)
-        if isinstance(w1, nn.parameter.UninitializedParameter):
-            raise RuntimeError("r_theta has not seen a batch yet; its input width is unknown")
         s = torch.linalg.matrix_norm(w1.detach().double(), 2) * torch.linalg.matrix_norm(w2.detach().double(), 2)
         return float(s) * GELU_LIPSCHITZ
 
@@ -297,6 +412,31 @@ class Modulation(nn.Module):
 
     def extra_repr(self) -> str:  # noqa: D102
         return f"terms={self.terms}, state_dim={self.h.numel()}"
+
+
+def check_state(state_dict: dict[str, Any], prefix: str, state_dim: int | None = None) -> None:
+    """Check a checkpoint's RECM state under ``prefix`` before anything is loaded.
+
+    ``h`` must be finite (and of size ``state_dim`` when given), ``t`` a non-negative
+    integer and ``gamma_t`` finite in [0, 1].
+
+    Raises:
+        ValueError: naming the key and what is wrong with it.
+    """
+    h, t, g = (state_dict.get(prefix + k) for k in ("h", "t", "gamma_t"))
+    if isinstance(h, Tensor):
+        if not h.is_floating_point() or h.dim() != 1 or (state_dim is not None and h.numel() != state_dim):
+            raise ValueError(f"{prefix}h must be a float vector of size {state_dim}, got {h.dtype} "
+                             f"of shape {tuple(h.shape)}")
+        if not bool(torch.isfinite(h).all()):
+            raise ValueError(f"{prefix}h holds NaN/Inf values: the checkpoint is corrupt")
+    if isinstance(t, Tensor) and (t.numel() != 1 or t.is_floating_point() or t.is_complex() or int(t) < 0):
+        raise ValueError(f"{prefix}t must be one integer >= 0, got {t.dtype} {t.tolist()}")
+    if isinstance(g, Tensor) and (g.numel() != 1 or not g.is_floating_point() or not 0 <= float(g) <= 1):
+        raise ValueError(f"{prefix}gamma_t must be one float in [0, 1], got {g.dtype} {g.tolist()}")
+
+
+_KINDS[Modulation.kind] = Modulation
 
 
 # --------------------------------------------------------------------------- fast paths
@@ -315,7 +455,6 @@ def is_standard(mod: Modulation) -> bool:
         and isinstance(r, nn.Sequential) and len(r) == 3
         and isinstance(r[0], nn.Linear) and type(r[1]) is nn.GELU and isinstance(r[2], nn.Linear)
         and r[1].approximate == "none" and r[0].bias is not None and r[2].bias is not None
-        and not isinstance(r[0].weight, nn.parameter.UninitializedParameter)  # lazy: not materialised yet
     )
     if standard:
         mod.__dict__["_standard_r"] = r

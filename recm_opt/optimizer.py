@@ -3,78 +3,77 @@
 One ``step()`` runs, in order: the closure (if any), the inner optimizer's step,
 the projections (``||w_alpha_i|| <= 1``, ``||w_beta|| <= 1``, unconstrained
 weights within ``weight_radius``), then the ``h`` update of every tagged layer
-from the inputs captured since the last step and their targets.
+from the forwards captured since the last step, each paired with its own target.
 
-Captured statistics: every training-mode forward of a tagged layer (with autograd
-on) records a random subsample of at most ``max_units`` units of its inputs. Eval
-forwards, ``torch.no_grad()`` forwards (``update_bn``), forwards of deep copies
-(``AveragedModel``) and activation-checkpoint recomputation are not captured; with
-reentrant checkpointing, whose first forward runs without autograd, the single
-recomputation in backward is captured instead. ``observe(y)`` pairs the pending
-captures with the model's target. At ``step()`` the layer's ``l_theta`` is the
-unit-weighted mean over all captures since the last step, so k micro-batches of
-gradient accumulation give the ``l_theta`` of their union (exactly, when each has
-at most ``max_units`` units). Captures follow their gradients: ``zero_grad()``
-discards the captures whose backward has already run, so a step that GradScaler
-skips leaves no statistics behind. Under DDP, ``l_theta`` is averaged over ranks
-and the modulation parameters' gradients are all-reduced, so every rank holds the
-same h.
+Which forwards count: training-mode forwards of a tagged layer with autograd on,
+whose backward has run by the time of the step. Eval forwards, ``torch.no_grad()``
+forwards (``update_bn``), forwards of deep copies (``AveragedModel``) and
+activation-checkpoint recomputation are not captured; with reentrant checkpointing,
+whose first forward runs without autograd, the single recomputation in backward is
+captured instead. A capture whose backward never ran is dropped and counted. At
+``step()`` a layer's ``l_theta`` is the unit-weighted mean over its captures, so k
+micro-batches of gradient accumulation give the ``l_theta`` of their union (exactly,
+when each has at most ``max_units`` units). ``zero_grad()`` discards the captures
+whose backward has already run, so a step that GradScaler skips leaves nothing
+behind. Under DDP, ``l_theta`` is averaged over ranks and the modulation
+parameters' gradients are all-reduced, so every rank holds the same ``h``.
 
-The optimizer is split by concern; this module keeps the class, its validation and
-``step()`` with the maths of the update (``l_theta`` means, ``h`` commits, liveness,
-projections). Its other halves live in private modules: ``_layers`` (finding and
-attaching tagged layers), ``_capture`` (hooks, pairing, subsampling, group actions),
-``_checkpoint`` (``state_dict`` / ``load_state_dict``), ``_distributed`` (DDP) and
-``_device`` (host-sync helpers).
+The state belongs to the model: ``h``, ``t``, ``gamma_t`` and the modulation's
+parameters are in ``model.state_dict()``. The optimizer holds its parts by
+composition: a :class:`~recm_opt._capture.CaptureBook` (captures and pairing), a
+list of :class:`~recm_opt._layers._Layer` records, and functions over them for the
+update (``_update``), checkpoints (``_checkpoint``) and DDP (``_distributed``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+import math
 import warnings
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
+from torch.optim import optimizer as _torch_optimizer
 
-from . import modulation
-from ._capture import _all_units, _CaptureMixin, _drop_backed, _unravel  # noqa: F401  (_all_units, _unravel: tests)
-from ._checkpoint import _CheckpointMixin
-from ._device import _host_flags, _to_device
-from ._distributed import _all_reduce_mean, _DistributedMixin
-from ._layers import _Layer, _LayersMixin, layer_name
+from . import _checkpoint, _update
+from ._capture import CaptureBook, Undeclared, _all_units, _unravel  # noqa: F401  (_all_units, _unravel: tests)
+from ._device import _host_flags, _isfinite_each, _nonfinite_probes
+from ._distributed import all_reduce_mean, sync_grads
+from ._layers import _Found, _Layer, attach, find_layers, input_widths, layer_name, make_layer, to_layer_device
 from .groups import Group, SO3Generators
-from .modulation import (
-    _foreach_commit,
-    _foreach_project_norm_,
-    _stacked_alpha,
-    _stacked_coefficients,
-    _stacked_r_theta,
-    is_standard,
-    one_plus_tanh,
-)
-from .reps import Invariant, Representation
+from .modulation import Modulation, _foreach_project_norm_, _stacked_coefficients, check_state, one_plus_tanh
+from .reps import Representation, Vector
+from .tagging import _MODULATION
 
 __all__ = ["RECMOptimizer", "layer_name"]
 
+# The default target: one number per unit (labels, scalars); other shapes ask for a declaration.
+_UNDECLARED = Undeclared()
+_SKIP_WARN = 10  # consecutive skipped steps before a warning
 
-# Representations are immutable, so one shared default is safe: an invariant, batch-first target.
-_DEFAULT_TARGET = Invariant("b ...")
 
-
-class RECMOptimizer(_CaptureMixin, _CheckpointMixin, _DistributedMixin, _LayersMixin, Optimizer):
+class RECMOptimizer(Optimizer):
     """Recurrent Equivariant Constraint Modulation around any ``torch.optim.Optimizer``.
 
     Args:
         optimizer: the inner optimizer over the model's parameters (AdamW, SGD, ...).
         model: the model holding the ``@relaxed`` layers (plain, compiled or DDP-wrapped).
-        group: the symmetry group's generating set ``C_G``.
+        group: the symmetry group's generating set ``C_G`` (default SO(3)).
         target: representation of the model's target; ``None`` for input-only
-            ``l_theta(z)``. Default: an invariant, batch-first target.
+            ``l_theta(z)``. Default: undeclared, which accepts one number per unit
+            (class labels, scalar regression) and rejects other targets at the first
+            step with the declaration to add.
         a: the one task knob of ``gamma_t = a / (b + a t)`` (grid 1e-1 .. 1e-5).
         b: the offset of ``gamma_t``.
         state_dim: m, the size of each layer's state ``h``.
+        example: model inputs for one forward (no grad, eval mode) that reads each
+            layer's input width, needed when the representations do not declare every
+            feature size (a tensor, a tuple of positional inputs or a dict of keywords).
         hidden: width of ``r_theta``'s hidden layer.
         max_units: units of each captured batch kept for ``l_theta``.
         prune_eps: terms with ``|alpha| < prune_eps`` are pruned in eval and export.
@@ -104,22 +103,27 @@ class RECMOptimizer(_CaptureMixin, _CheckpointMixin, _DistributedMixin, _LayersM
         >>> x = torch.randn(8, 3)
         >>> model(x).pow(2).sum().backward()
         >>> _ = opt.step(target=x)
-        >>> int(model.recm_modulation.t)
-        1
+        >>> int(model.recm_modulation.t), "recm_modulation.h" in model.state_dict()
+        (1, True)
     """
 
     _step_supports_amp_scaling = False
+    #: Whether the optimizer reads the data (RECM does; fixed relaxation policies do not).
+    captures_inputs = True
+    #: The ``kind`` of modulation this optimizer attaches and adopts.
+    modulation_kind = "recm"
 
     def __init__(
         self,
         optimizer: Optimizer,
         model: nn.Module,
         group: Group | None = None,
-        target: Representation | None = _DEFAULT_TARGET,
+        target: Representation | Undeclared | None = _UNDECLARED,
         a: float = 1e-3,
         b: float = 1.0,
         state_dim: int = 16,
         *,
+        example: Any = None,
         hidden: int = 16,
         max_units: int = 256,
         prune_eps: float = 0.01,
@@ -133,73 +137,214 @@ class RECMOptimizer(_CaptureMixin, _CheckpointMixin, _DistributedMixin, _LayersM
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        _validate(a=a, b=b, state_dim=state_dim, hidden=hidden, max_units=max_units,
-                  prune_eps=prune_eps, weight_radius=weight_radius, beta_fn=beta_fn)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if group is not None and not isinstance(group, Group):
+            raise TypeError(f"group must be a recm_opt Group (e.g. SO3Generators()), got {group!r}")
+        if target is not None and not isinstance(target, (Representation, Undeclared)):
+            raise TypeError(f"target must be a Representation or None, got {target!r}")
+        _validate(a=a, b=b, state_dim=state_dim, hidden=hidden, max_units=max_units, prune_eps=prune_eps,
+                  weight_radius=weight_radius, lr=lr, weight_decay=weight_decay, beta_fn=beta_fn, seed=seed)
         self.inner = optimizer
         self.group = group if group is not None else SO3Generators()
         self.target = target
-        self.a, self.b, self.prune_eps, self.weight_radius = float(a), float(b), prune_eps, weight_radius
+        self.a, self.b, self.prune_eps, self.weight_radius = float(a), float(b), float(prune_eps), float(weight_radius)
         self.max_units, self.skip_nonfinite = max_units, skip_nonfinite
-        self.skipped_steps = 0
-        self._generators = self.group.generators()
-        self._rng = torch.Generator().manual_seed(seed)
-        self._group_checked: set[tuple[int, int]] = set()
-        self._layers = self._attach(model, state_dim, hidden, seed, beta_fn, skip_pruned)
-        if self._layers:
-            mod_params = [p for layer in self._layers for p in layer.mod.parameters()]
-            extra = {"lr": lr} if lr is not None else {}
-            optimizer.add_param_group({"params": mod_params, "weight_decay": weight_decay, "recm": True, **extra})
-        else:
-            warnings.warn("RECMOptimizer found no @relaxed layers in the model; it acts as the inner optimizer",
-                          stacklevel=2)
+        self.skipped_steps, self._skip_run = 0, 0
+        self._detached = False
+        # Everything is checked and built before the model or the inner optimizer changes.
+        self._book = CaptureBook(self.group, target if self.captures_inputs else None, max_units, seed)
+        self._book.rebuild = _update.rebuild_precomputed
+        found = find_layers(model, optimizer, self._book.check_group)
+        if found and self.captures_inputs and isinstance(target, Vector):
+            self._book.check_group(target, target.size, "target")
+        mods = self._plan(found, model, example, state_dim=state_dim, hidden=hidden, seed=seed, beta_fn=beta_fn)
+        owners = self._owners(found)
+        extra = {"lr": lr} if lr is not None else {}
+        new_group = _recm_group(optimizer, mods, {"weight_decay": weight_decay, "recm": True, **extra})
         super().__init__(optimizer.param_groups, optimizer.defaults)
         # Share, don't copy: schedulers and add_param_group must see the inner groups.
         self.param_groups = optimizer.param_groups
         self._shared = True
-        self.state = optimizer.state  # read-only view for users; RECM state lives in the modulations
-        self._pending_rebuild: list[_Layer] = []
-        self._hooks = [handle for layer in self._layers for handle in self._register_hooks(layer)]
+        self.state = optimizer.state  # read-only view for users; RECM state lives in the model
+        # ---- the mutations, none of which can fail on bad input
+        for owner in owners:
+            warnings.warn(f"{owner!r} (id {id(owner):#x}) was driving layers {sorted(owner.layers)} of this model; "
+                          "this RECMOptimizer takes over and detaches it", stacklevel=2)
+            owner.detach()
+        self._layers = [make_layer(f, mod) for f, mod in zip(found, mods)]
+        for layer in self._layers:
+            _clear_dead_hooks(layer.module)
+            attach(layer)
+            layer.mod._owner = weakref.ref(self)
+            layer.mod.prune_eps, layer.mod.train_all_live = self.prune_eps, not skip_pruned
+            layer.mod.beta_fn = beta_fn
+            if self.captures_inputs:
+                layer.handles = self._book.hooks(layer)
+        if self._layers and not any(getattr(h, "__wrapped__", None) is _check_checkpoint
+                                    for h in model._load_state_dict_pre_hooks.values()):
+            model.register_load_state_dict_pre_hook(_check_checkpoint)
+        if new_group is not None:
+            _move_out(optimizer, new_group)
+            if _single_group(optimizer):  # LBFGS: one group only, its parameter list cached by reference
+                optimizer.param_groups[0]["params"].extend(new_group["params"])
+            else:
+                optimizer.add_param_group(new_group)
+        elif not self._layers:
+            warnings.warn("RECMOptimizer found no @relaxed layers in the model; it acts as the inner optimizer",
+                          stacklevel=2)
         self._project()  # feasible from t = 0, so a step that moves nothing projects nothing
+        self._refresh_live()
 
-    # -------------------------------------------------------------------- step
+    # --------------------------------------------------------------- set-up
+    def _plan(self, found: list[_Found], model: nn.Module, example: Any, **kw: Any) -> list[Modulation]:
+        """One modulation per layer: the one it carries (checked), or a new one. Changes nothing."""
+        widths = (input_widths(found, model, example, self._book.target_width(), self._book.target)
+                  if self.captures_inputs else {})
+        mods = []
+        for i, f in enumerate(found):
+            mod = f.existing
+            if mod is not None:
+                self._check_existing(f, mod, kw["state_dim"], kw["hidden"])
+            else:
+                mod = to_layer_device(self._make_modulation(
+                    f.tag.term_names, state_dim=kw["state_dim"], hidden=kw["hidden"], seed=kw["seed"] + 7919 * i,
+                    beta_fn=kw["beta_fn"], in_features=widths.get(f.name, 1)), f.module)
+            mods.append(mod)
+        return mods
+
+    def _check_existing(self, f: _Found, mod: Modulation, state_dim: int, hidden: int) -> None:
+        config = mod.config()
+        wanted = {"kind": self.modulation_kind, "terms": list(f.tag.term_names)}
+        if self.modulation_kind == Modulation.kind:
+            wanted.update(state_dim=state_dim, hidden=hidden)
+            declared = [rep.feature_width() for rep in f.tag.inputs.values()]
+            if self.captures_inputs and all(w is not None for w in declared):
+                wanted["in_features"] = sum(w for w in declared if w is not None) + self._book.target_width()
+        diff = {k: (config.get(k), v) for k, v in wanted.items() if config.get(k) != v}
+        if diff:
+            raise ValueError(
+                f"layer {f.name!r} already carries RECM state (loaded with the model or left by an earlier "
+                f"optimizer) that does not fit this optimizer: " +
+                ", ".join(f"{k}={have!r} where this optimizer needs {want!r}" for k, (have, want) in diff.items()) +
+                ". Build the optimizer with the same settings, or drop the old state first with "
+                f"old_opt.detach(keep_state=False) or delattr(layer, {_MODULATION!r})")
+
+    def _owners(self, found: list[_Found]) -> list[RECMOptimizer]:
+        owners: list[RECMOptimizer] = []
+        for f in found:
+            ref = f.existing.__dict__.get("_owner") if f.existing is not None else None
+            owner = ref() if ref is not None else None
+            if owner is not None and owner is not self and not owner._detached and owner not in owners:
+                owners.append(owner)
+        return owners
+
+    def _make_modulation(self, terms: tuple[str, ...], *, state_dim: int, hidden: int, seed: int,
+                         beta_fn: Callable[[Tensor], Tensor], in_features: int) -> Modulation:
+        """Create one layer's modulation. The extension point of relaxation policies.
+
+        A subclass returns its own :class:`~recm_opt.modulation.Modulation` subclass (with
+        its own ``kind``) and sets ``modulation_kind`` to match; everything else (sharing
+        the param groups, checkpoints, projections, report, export) is inherited.
+        """
+        return Modulation(terms, state_dim, hidden, seed, beta_fn, in_features=in_features)
+
+    # ----------------------------------------------------------------- step
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None, target: Tensor | None = None) -> Any:  # type: ignore[override]
         """Inner step, projections, then the h update of every tagged layer.
 
         Args:
             closure: re-evaluates the model and returns the loss (run once, with grad).
-            target: the model's target for this step's captured inputs (same as ``observe``).
+            target: the model's target of the forward this step follows (as ``observe``).
 
         Returns:
             The closure's loss, or ``None``.
+
+        Raises:
+            ValueError: before anything changes, when a forward that had a backward has no
+                target, or one target stands for forwards of several backward passes.
         """
+        self._check_attached()
+        if closure is not None and _needs_closure(self.inner):
+            return self._closure_step(closure, target)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         if target is not None:
             self.observe(target)
-        self._check_targets()
+        self._book.check()
+        items = self._finite(self._book.take())  # a NaN/Inf sample is counted and left out
         if self.skip_nonfinite and not self._grad_flags()[0]:
-            self.skipped_steps += 1
-            for layer in self._layers:
-                layer.samples, layer.sample_epochs = [], []
+            self._skip()
             return loss
-        self._sync_grads()
-        self.inner.step()
+        self._skip_run = 0
+        sync_grads(self._layers)
+        self._fill_fused_grads()
+        self._inner_step()
         self._project()
-        self._update_states()
-        for layer in self._layers:  # whatever the update consumed is no longer pending
-            layer.sample_epochs = layer.sample_epochs[len(layer.sample_epochs) - len(layer.samples):]
+        self._update_states(items)
         return loss
 
-    def _check_targets(self) -> None:
-        waiting = [layer.name for layer in self._layers if layer.inputs]
-        if waiting:
-            raise ValueError(
-                f"layers {waiting} captured inputs but got no target: call opt.step(target=y) or "
-                "opt.observe(y) after each forward, or build RECMOptimizer(target=None) for input-only l_theta"
-            )
+    def _closure_step(self, closure: Callable[[], Any], target: Tensor | None) -> Any:
+        """The step of an inner optimizer that evaluates the closure itself (LBFGS).
+
+        The first evaluation is the forward at the current parameters: its captures count
+        (paired with ``target`` when given); the line search's re-evaluations are not captured.
+        """
+        calls = 0
+
+        def evaluate() -> Any:
+            nonlocal calls
+            calls += 1
+            bind = self._book.bind(target) if target is not None else contextlib.nullcontext()
+            pause = self._book.paused() if calls > 1 else contextlib.nullcontext()
+            with torch.enable_grad(), bind, pause:
+                return closure()
+
+        self._book.check()
+        self._in_closure = True  # the closure's zero_grad() must not drop its first evaluation
+        try:
+            loss = self._inner_step(evaluate)
+        finally:
+            self._in_closure = False
+        self._book.check()
+        items = self._finite(self._book.take())
+        self._project()
+        self._update_states(items)
+        return loss
+
+    def _skip(self) -> None:
+        self.skipped_steps += 1
+        self._skip_run += 1
+        self._book.clear()
+        if self._skip_run >= _SKIP_WARN and math.log10(self._skip_run).is_integer():
+            warnings.warn(f"{self._skip_run} consecutive steps were skipped because a gradient was NaN/Inf; "
+                          "nothing is training (check the loss, the learning rate or the AMP loss scale)",
+                          stacklevel=3)
+
+    def _inner_step(self, closure: Callable[[], Any] | None = None) -> Any:
+        # Global optimizer step hooks already ran for this optimizer's step: run the inner
+        # step without them, so that they fire once per step (its own hooks still run).
+        pre, post = _torch_optimizer._global_optimizer_pre_hooks, _torch_optimizer._global_optimizer_post_hooks
+        saved = dict(pre), dict(post)
+        pre.clear()
+        post.clear()
+        try:
+            return self.inner.step(closure) if closure is not None else self.inner.step()
+        finally:
+            pre.update(saved[0])
+            post.update(saved[1])
+
+    def _fill_fused_grads(self) -> None:
+        # r_theta's first gradient comes one step after w_beta's (through the newest term);
+        # fused optimizers need every parameter of a group to start together.
+        for group in self.param_groups:
+            if group.get("recm") and group.get("fused") and any(p.grad is not None for p in group["params"]):
+                for p in group["params"]:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
 
     def _grad_flags(self) -> tuple[bool, bool]:
         """Return (every gradient is finite, some gradient is non-zero) with one host sync."""
@@ -224,134 +369,93 @@ class RECMOptimizer(_CaptureMixin, _CheckpointMixin, _DistributedMixin, _LayersM
         _foreach_project_norm_([layer.mod.w_beta for layer in self._layers], 1.0)
         _foreach_project_norm_(list(terms.values()), self.weight_radius)
 
-    def _update_states(self) -> None:
-        active = any(layer.samples for layer in self._layers)
+    def _update_states(self, items: list[tuple[_Layer, _update.Samples]]) -> None:
+        """The h update from the step's paired, backed, finite samples (see :mod:`recm_opt._update`).
+
+        Args:
+            items: ``(layer, [(sample, units), ...])`` in layer order, layers without samples left out.
+        """
+        have = {layer for layer, _ in items}
         for layer in self._layers:
-            if not layer.samples and not layer.warned and (active or self._any_grad()):
+            if layer not in have and not layer.warned and (items or self._grad_flags()[1]):
                 warnings.warn(f"layer {layer.name!r} did not run in training mode since the last step; "
                               "its h is unchanged", stacklevel=3)
                 layer.warned = True
-        ls, stacked = self._l_means()
-        ls = _all_reduce_mean(ls)
-        pending = [(layer, l) for layer, l in zip(self._layers, ls) if l is not None]
-        committed = self._commit(pending)  # decided on the device: a non-finite l leaves h unchanged
-        flags = _host_flags(committed + self._live_flags())  # one host sync for the whole update
-        ok = {id(layer): f for (layer, _), f in zip(pending, flags)}
+        ls, stacked = _update.l_means(items)
+        index = {layer: i for i, layer in enumerate(self._layers)}
+        full: list[Tensor | None] = [None] * len(self._layers)
+        for (layer, _), l in zip(items, ls):
+            full[index[layer]] = l
+        full = all_reduce_mean(full)  # DDP: the same l on every rank
+        pending = [(layer, l) for layer, l in zip(self._layers, full) if l is not None]
+        committed = _update.commit(pending, self.a, self.b)  # decided on the device: non-finite l leaves h
+        flags = _host_flags(committed + _update.live_flags(self._layers, self.prune_eps))  # one host sync
+        ok = {layer: f for (layer, _), f in zip(pending, flags)}
+        done = set()
         for layers, x, r in stacked:  # newest = this step's sample, already stacked and passed through r_theta
-            if r.requires_grad and all(ok.get(id(layer)) for layer in layers) \
+            if r.requires_grad and all(ok.get(layer) for layer in layers) \
                     and all(layer.mod.beta_fn is layers[0].mod.beta_fn for layer in layers):
                 for layer, sample in zip(layers, x.unbind()):
-                    layer.mod.newest, layer.samples = sample, []
+                    layer.mod.newest = sample
+                    done.add(layer)
                 _stacked_coefficients([layer.mod for layer in layers], r)
+        samples = dict(items)
         for (layer, _), f in zip(pending, flags):
             if not f:
                 layer.skipped += 1
-            elif layer.samples:
-                layer.mod.newest = self._newest(layer)
-        for layer in self._layers:
-            layer.samples = []
-        self._apply_live(flags[len(pending):])
+            elif layer in samples and layer not in done:
+                layer.mod.newest = _update.newest(layer, samples[layer], self.max_units, self._book.rng)
+        _update.apply_live(self._layers, flags[len(pending):])
 
-    def _any_grad(self) -> bool:
-        # Non-zero, not merely present: DCP's initialisation step passes zero gradients.
-        return self._grad_flags()[1]
-
-    def _l_means(self) -> tuple[list[Tensor | None], list[tuple[list[_Layer], Tensor, Tensor]]]:
-        """Each layer's ``l_theta`` over its captures (``None`` without any), and the stacked groups.
-
-        Standard modulations whose samples have equal shapes share one batched
-        ``r_theta`` call (:func:`_stacked_l_mean`); the others take :meth:`_l_mean`,
-        the per-layer reference that the batched path is tested against. A group of
-        single captures keeps its stacked sample and ``r_theta`` output (with grad):
-        they become ``newest`` and the next forward's coefficients.
-        """
-        out: list[Tensor | None] = [None] * len(self._layers)
-        stacked = []
-        groups: dict[tuple, list[int]] = {}
-        for i, layer in enumerate(self._layers):
-            if not layer.samples:
-                continue
-            if not is_standard(layer.mod):
-                out[i] = self._l_mean(layer)
-                continue
-            first, mod = layer.samples[0][0], layer.mod
-            key = (tuple(s.shape[1] for s, _ in layer.samples), first.shape[0], first.shape[2], first.device,
-                   mod.w_beta.dtype, mod.r_theta[0].weight.shape, mod.r_theta[2].weight.shape)
-            groups.setdefault(key, []).append(i)
-        for key, idx in groups.items():
-            layers = [self._layers[i] for i in idx]
-            ls, x, r = _stacked_l_mean(layers, with_grad=modulation.PRECOMPUTE and len(key[0]) == 1)
-            for i, l in zip(idx, ls):
-                out[i] = l
-            if len(key[0]) == 1:
-                stacked.append((layers, x, r))
-        return out, stacked
-
-    def _commit(self, pending: list[tuple[_Layer, Tensor]]) -> list[Tensor]:
-        """Commit each layer's l; return a bool tensor per layer, True where h was updated."""
-        ok: list[Tensor | None] = [None] * len(pending)
-        groups: dict[tuple, list[int]] = {}
-        for i, (layer, l) in enumerate(pending):
-            mod = layer.mod
-            if is_standard(mod) and l.shape == mod.h.shape and l.device == mod.h.device:
-                groups.setdefault((mod.h.dtype, mod.h.device, l.dtype), []).append(i)
-                continue
-            finite = bool(torch.isfinite(l).all())  # the per-layer reference: one host sync each
-            if finite:
-                mod.commit(l, self.a, self.b)
-            ok[i] = torch.tensor([finite], device=mod.h.device)
-        for idx in groups.values():
-            ls = torch.stack([pending[i][1] for i in idx])
-            flags = _foreach_commit([pending[i][0].mod for i in idx], ls, self.a, self.b)
-            for i, f in zip(idx, flags.split(1)):
-                ok[i] = f
-        return [f for f in ok if f is not None]
-
-    def _l_mean(self, layer: _Layer) -> Tensor:
-        samples = [s.to(layer.mod.w_beta.dtype) for s, _ in layer.samples]
-        # float64 weights: a float32 1/S would cap a float64 l_theta at float32 precision.
-        weights = torch.cat([torch.full((s.shape[1],), u / s.shape[1], dtype=torch.float64)
-                             for s, (_, u) in zip(samples, layer.samples)])
-        weights = (weights / weights.sum()).to(samples[0])
-        r = layer.mod.r_theta(torch.cat(samples, 1))  # one batched call over copies and captures
-        return (weights[:, None] * (r[0] - r[1:].mean(0))).sum(0)
-
-    def _newest(self, layer: _Layer) -> Tensor:
-        if len(layer.samples) == 1:  # one capture: the sample itself, no copy
-            return layer.samples[0][0].to(layer.mod.w_beta.dtype)
-        sample = torch.cat([s for s, _ in layer.samples], 1).to(layer.mod.w_beta.dtype)
-        if sample.shape[1] > self.max_units:
-            keep = torch.randperm(sample.shape[1], generator=self._rng)[: self.max_units]
-            sample = sample[:, keep.to(sample.device)]
-        return sample
+    def _finite(self, captures: dict[_Layer, list[Any]]) -> list[tuple[_Layer, _update.Samples]]:
+        """The captures' samples by layer, in layer order; a sample with NaN/Inf is counted and left out."""
+        flat = [(layer, c) for layer in self._layers for c in captures.get(layer, [])]
+        if not flat:
+            return []
+        # One host sync for every sample, not one per layer: a NaN/Inf batch never reaches h.
+        finite = _host_flags([_isfinite_each(_nonfinite_probes([c.sample for _, c in flat]))])
+        out: dict[_Layer, _update.Samples] = {}
+        for (layer, c), ok in zip(flat, finite):
+            if ok:
+                out.setdefault(layer, []).append((c.sample, c.units))
+            else:
+                layer.skipped += 1
+        return list(out.items())
 
     def _refresh_live(self) -> None:
         if self._layers:
-            self._apply_live(_host_flags(self._live_flags()))  # one sync for every layer
+            _update.apply_live(self._layers, _host_flags(_update.live_flags(self._layers, self.prune_eps)))
 
-    def _live_flags(self) -> list[Tensor]:
-        """``|alpha_i| >= prune_eps`` for every layer's terms, in layer order, still on the device."""
-        slots: list[Tensor | None] = [None] * len(self._layers)
-        groups: dict[tuple, list[int]] = {}
-        for i, layer in enumerate(self._layers):
-            mod = layer.mod
-            if is_standard(mod):
-                groups.setdefault((mod.h.dtype, mod.h.device, mod.h.shape), []).append(i)
-            else:
-                slots[i] = mod.coefficients()[0].abs() >= self.prune_eps
-        for idx in groups.values():
-            mods = [self._layers[i].mod for i in idx]
-            flags = _stacked_alpha(mods).abs() >= self.prune_eps
-            for i, f in zip(idx, flags.split([len(m.terms) for m in mods])):
-                slots[i] = f
-        return [f for f in slots if f is not None]
+    # -------------------------------------------------------------- pairing
+    @torch.no_grad()
+    def observe(self, target: Tensor) -> None:
+        """Pair the forwards captured since the last ``observe`` with the model's ``target``.
 
-    def _apply_live(self, flags: list[bool]) -> None:
-        for layer in self._layers:
-            k = len(layer.mod.terms)
-            layer.mod.live, flags = tuple(flags[:k]), flags[k:]
+        Call it once per forward pass, before ``step()`` (e.g. in Lightning's
+        ``training_step``). ``step(target=y)`` calls it for you.
 
-    # ------------------------------------------------------ optimizer plumbing
+        Raises:
+            ValueError: if ``target`` does not match a layer's units or its representation.
+        """
+        if not isinstance(target, Tensor):
+            raise TypeError(f"target must be a Tensor, got {type(target).__name__}")
+        self._book.observe(target)
+
+    @contextlib.contextmanager
+    def pair(self, target: Tensor) -> Iterator[None]:
+        """Pair the forwards run inside the block with ``target``.
+
+        Example:
+            >>> # with opt.pair(y):
+            >>> #     loss = loss_fn(model(x), y)
+            >>> # loss.backward()
+        """
+        if not isinstance(target, Tensor):
+            raise TypeError(f"target must be a Tensor, got {type(target).__name__}")
+        with self._book.bind(target):
+            yield
+
+    # ---------------------------------------------------- optimizer plumbing
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Forwarded to the inner optimizer (which shares this optimizer's param groups).
 
@@ -361,8 +465,8 @@ class RECMOptimizer(_CaptureMixin, _CheckpointMixin, _DistributedMixin, _LayersM
         (Lightning calls ``zero_grad`` between ``training_step`` and ``backward``).
         """
         self.inner.zero_grad(set_to_none=set_to_none)
-        for layer in self._layers:
-            _drop_backed(layer)
+        if not getattr(self, "_in_closure", False):
+            self._book.drop_backed()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group to the inner optimizer (visible here: the groups are shared)."""
@@ -370,67 +474,238 @@ class RECMOptimizer(_CaptureMixin, _CheckpointMixin, _DistributedMixin, _LayersM
             return super().add_param_group(param_group)
         self.inner.add_param_group(param_group)
 
-    # ------------------------------------------------------------------ report
+    def train(self) -> None:
+        """Forwarded to the inner optimizer's ``train()`` if it has one (schedule-free optimizers)."""
+        fn = getattr(self.inner, "train", None)
+        if callable(fn):
+            fn()
+
+    def eval(self) -> None:
+        """Forwarded to the inner optimizer's ``eval()`` if it has one (schedule-free optimizers)."""
+        fn = getattr(self.inner, "eval", None)
+        if callable(fn):
+            fn()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the inner state dict with each layer's RECM entry (``recm_*`` keys) under its ``w_beta``.
+
+        The dict keeps the standard ``{state, param_groups}`` shape that distributed
+        checkpointing expects and holds only tensors and plain values. ``h``, ``t`` and
+        ``gamma_t`` are in the model's ``state_dict``; this one adds what a resumed run
+        needs (the newest sample, counters, the generator), each entry naming its layer.
+        """
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        sd = _checkpoint.save(self.inner, self.param_groups, self._layers, self.skipped_steps, self._book.rng)
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, sd)
+            sd = result if result is not None else sd
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict from :meth:`state_dict`, an older recm_opt one, or a plain inner one.
+
+        The whole checkpoint is checked first; a failed check changes nothing. The param
+        groups and the state stay the same objects (updated in place), so schedulers
+        and wrappers that hold them keep seeing the inner optimizer's.
+
+        Raises:
+            ValueError: naming the layer and the key of the first bad entry.
+        """
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            state_dict = result if result is not None else state_dict
+        inner_sd, entries = _checkpoint.split(state_dict)
+        groups = inner_sd["param_groups"]
+        if self._layers and not any(g.get("recm") for g in groups):
+            groups = inner_sd["param_groups"] = _checkpoint.fresh_recm_group(groups, self.param_groups)
+        saved = [i for g in groups for i in g["params"]]
+        current = [id(p) for g in self.param_groups for p in g["params"]]
+        matched = _checkpoint.match(self._layers, entries, saved, current)
+        _checkpoint.check(matched)
+        if len(groups) != len(self.param_groups) or any(
+                len(g["params"]) != len(c["params"]) for g, c in zip(groups, self.param_groups)):
+            raise ValueError("the checkpoint's param groups "
+                             f"{[len(g['params']) for g in groups]} do not match this optimizer's "
+                             f"{[len(g['params']) for g in self.param_groups]}")
+        _checkpoint.load_inner(self.inner, self.param_groups, self.state, inner_sd)
+        self._book.clear()
+        batched = []
+        for layer in self._layers:
+            entry = matched.get(layer)
+            if entry is None:
+                layer.mod.newest, layer.skipped, layer.dropped = None, 0, 0
+                continue
+            steps = _checkpoint.restore(layer, entry, self._book.rng)
+            self.skipped_steps = steps if steps is not None else self.skipped_steps
+            if bool(entry.get("recm_batched", False)):
+                batched.append(layer)
+        self._refresh_live()
+        # Rebuilt at the next training forward: DCP's set_state_dict loads the model after
+        # the optimizer, and loading parameters invalidates what a rebuild now would make.
+        self._book.pending_rebuild = batched
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    # --------------------------------------------------------- attach/detach
+    def detach(self, keep_state: bool = True) -> None:
+        """Stop modulating: remove every hook this optimizer put on the model.
+
+        Args:
+            keep_state: keep each layer's modulation (and its state) on the model, as a
+                trained model keeps its BatchNorm statistics. With ``False`` the layers
+                become their equivariant parts again, and the modulation's param group
+                leaves the inner optimizer.
+        """
+        for layer in self._layers:
+            for handle in layer.handles:
+                handle.remove()
+            layer.handles = []
+            if layer.mod.__dict__.get("_owner") is not None and layer.mod._owner() is self:
+                del layer.mod._owner
+            if not keep_state and layer.module._modules.get(_MODULATION) is layer.mod:
+                del layer.module._modules[_MODULATION]
+        if not keep_state:
+            ids = {id(p) for layer in self._layers for p in layer.mod.parameters()}
+            for p in [p for g in self.param_groups if g.get("recm") for p in g["params"]]:
+                self.state.pop(p, None)
+            self.param_groups[:] = [g for g in self.param_groups if not (g.get("recm") and
+                                                                         {id(p) for p in g["params"]} <= ids)]
+        self._book.clear()
+        self._detached = True
+
+    def _check_attached(self) -> None:
+        if self._detached:
+            raise RuntimeError(f"{self!r} was detached (by detach() or by a newer RECMOptimizer for the same "
+                               "model); step the optimizer that drives the model now")
+
+    # --------------------------------------------------------------- report
     @property
     def layers(self) -> dict[str, nn.Module]:
         """The tagged layers this optimizer modulates, by stable name."""
         return {layer.name: layer.module for layer in self._layers}
 
-    def report(self) -> list[dict[str, Any]]:
+    def report(self, gaps: bool = False) -> list[dict[str, Any]]:
         """Return one row per tagged layer: alpha per term, beta, ``|h|``, t, kept/pruned, counters.
 
-        The same rows that :func:`recm_opt.export.report` prints, ready for any logger.
+        Args:
+            gaps: also measure each layer's symmetry gap (W1 of its newest sample to the
+                sample's C_G-average) and the alpha bound it implies. This solves an
+                assignment problem per layer, so it is off by default.
+
+        The same rows that :func:`recm_opt.export.format_report` prints, ready for any logger.
         """
         from .export import layer_row
 
-        return [layer_row(layer.name, layer.module, skipped=layer.skipped) for layer in self._layers]
+        return [layer_row(layer.name, layer.module, skipped=layer.skipped, dropped=layer.dropped, gaps=gaps)
+                for layer in self._layers]
 
     def __repr__(self) -> str:
-        return f"RECMOptimizer({type(self.inner).__name__}, layers={len(self._layers)}, group={self.group!r})"
+        return f"{type(self).__name__}({type(self.inner).__name__}, layers={len(self._layers)}, group={self.group!r})"
 
 
+def _recm_group(inner: Optimizer, mods: list[Modulation], options: dict[str, Any]) -> dict[str, Any] | None:
+    """The param group of the modulations, or ``None`` (no layers, or the inner optimizer has it already)."""
+    params = list(dict.fromkeys(p for mod in mods for p in mod.parameters()))  # shared modulations once
+    if not params:
+        return None
+    ids = {id(p) for p in params}
+    recm = [g for g in inner.param_groups if g.get("recm")]
+    if len(recm) == 1 and {id(p) for p in recm[0]["params"]} == ids:
+        return None  # the same inner optimizer wrapped again: its RECM group already holds them
+    if _single_group(inner) and ids <= {id(p) for p in inner.param_groups[0]["params"]}:
+        return None
+    return {"params": params, **options}
 
-def _weights(samples: list[tuple[Tensor, int]]) -> Tensor:
-    """Per-row weights of :meth:`RECMOptimizer._l_mean` (float64, on the host)."""
-    weights = torch.cat([torch.full((s.shape[1],), u / s.shape[1], dtype=torch.float64) for s, u in samples])
-    return weights / weights.sum()
 
+def _move_out(inner: Optimizer, group: dict[str, Any]) -> None:
+    """Take the modulation parameters out of the inner groups that hold them.
 
-def _stacked_l_mean(layers: list[_Layer], with_grad: bool = False) -> tuple[list[Tensor], Tensor, Tensor]:
-    """:meth:`RECMOptimizer._l_mean` of layers whose samples have equal shapes, in one ``r_theta`` call.
-
-    Returns:
-        Each layer's l (no grad), the stacked samples ``(G, 1 + k, R, d)`` and their
-        ``r_theta`` output ``(G, 1 + k, R, m)``, with grad if ``with_grad``.
+    A model that carries its modulations (loaded from a checkpoint, or left by an
+    earlier optimizer) hands them to ``torch.optim.AdamW(model.parameters())`` like any
+    other parameter; they belong in the RECM group (no weight decay by default). Their
+    inner state, keyed by parameter, stays.
     """
-    mods = [layer.mod for layer in layers]
-    dtype = mods[0].w_beta.dtype
-    rows = [s[0][0] if len(s) == 1 else torch.cat([t for t, _ in s], 1) for s in (layer.samples for layer in layers)]
-    x = (rows[0][None] if len(rows) == 1 else torch.stack(rows)).to(dtype)  # (G, 1 + k, R, d)
-    g, c, r, d = x.shape
-    with torch.set_grad_enabled(with_grad):
-        flat = x.reshape(g, c * r, d)
-        out = (mods[0].r_theta(flat) if g == 1 else _stacked_r_theta(mods, flat)).reshape(g, c, r, -1)
-    diff = out.detach()[:, 0] - out.detach()[:, 1:].mean(1)
-    if all(len(layer.samples) == 1 for layer in layers):  # one capture each: equal weights 1/S, a scalar
-        return list((diff * (1.0 / r)).sum(1).unbind()), x, out
-    weights = _to_device(torch.stack([_weights(layer.samples) for layer in layers]).to(dtype), x.device)
-    return list((weights[..., None] * diff).sum(1).unbind()), x, out
+    ids = {id(p) for p in group["params"]}
+    for g in inner.param_groups:
+        g["params"][:] = [p for p in g["params"] if id(p) not in ids]  # in place: LBFGS caches the list
+    inner.param_groups[:] = [g for g in inner.param_groups if g["params"]]
 
+
+def _single_group(inner: Optimizer) -> bool:
+    """Whether the inner optimizer supports a single param group only (LBFGS)."""
+    return isinstance(inner, torch.optim.LBFGS)
+
+
+def _needs_closure(inner: Optimizer) -> bool:
+    """Whether the inner optimizer's ``step`` requires a closure (LBFGS evaluates it itself)."""
+    param = inspect.signature(type(inner).step).parameters.get("closure")
+    return param is not None and param.default is inspect.Parameter.empty
+
+
+def _check_checkpoint(model: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+    """Check every modulation's entries of a model checkpoint before anything of it loads.
+
+    Registered on the model by the optimizer: names, shapes and dtypes of the tensors,
+    finite ``h``, ``t >= 0``. Loading is all or nothing for the RECM state.
+
+    Raises:
+        ValueError: naming the key.
+    """
+    for name, module in model.named_modules():
+        mod = module._modules.get(_MODULATION)
+        if not isinstance(mod, Modulation):
+            continue
+        p = f"{prefix}{name + '.' if name else ''}{_MODULATION}."
+        for key, have in mod.state_dict().items():
+            value = state_dict.get(p + key)
+            if value is None or not isinstance(have, Tensor) or key == "_extra_state":
+                continue
+            if not isinstance(value, Tensor):
+                raise ValueError(f"{p}{key}: expected a tensor, got {type(value).__name__}")
+            if value.shape != have.shape or value.is_floating_point() != have.is_floating_point():
+                raise ValueError(f"{p}{key}: expected {have.dtype} of shape {tuple(have.shape)}, got "
+                                 f"{value.dtype} of shape {tuple(value.shape)}")
+        check_state(state_dict, p, mod.h.numel())
+
+
+def _clear_dead_hooks(module: nn.Module) -> None:
+    """Remove capture hooks of optimizers that no longer exist (re-created optimizers, loaded copies)."""
+    from ._capture import _Hook
+
+    for hooks in (module._forward_pre_hooks, module._forward_hooks):
+        for key in [k for k, h in hooks.items() if isinstance(h, _Hook) and (h.book is None or h.book() is None)]:
+            del hooks[key]
+            module._forward_pre_hooks_with_kwargs.pop(key, None)
+            module._forward_hooks_with_kwargs.pop(key, None)
 
 
 def _validate(**kw: Any) -> None:
-    if not kw["a"] > 0:
-        raise ValueError(f"a must be > 0, got {kw['a']}")
-    if not kw["b"] > 0:
-        raise ValueError(f"b must be > 0, got {kw['b']}")
+    def finite(key: str, low: float, strict: bool) -> None:
+        v = kw[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise TypeError(f"{key} must be a number, got {v!r}")
+        if not (v > low if strict else v >= low):
+            raise ValueError(f"{key} must be {'>' if strict else '>='} {low}, got {v!r}")
+        if not math.isfinite(v):
+            raise ValueError(f"{key} must be finite, got {v!r}")
+
+    finite("a", 0, True)
+    finite("b", 0, True)
+    finite("weight_radius", 0, True)
+    finite("weight_decay", 0, False)
+    if kw["lr"] is not None:
+        finite("lr", 0, False)
     for key in ("state_dim", "hidden", "max_units"):
         if isinstance(kw[key], bool) or not isinstance(kw[key], int) or kw[key] < 1:
             raise ValueError(f"{key} must be an int >= 1, got {kw[key]!r}")
-    if not 0 <= kw["prune_eps"] < 1:
-        raise ValueError(f"prune_eps must be in [0, 1), got {kw['prune_eps']}")
-    if not kw["weight_radius"] > 0:
-        raise ValueError(f"weight_radius must be > 0, got {kw['weight_radius']}")
+    if isinstance(kw["seed"], bool) or not isinstance(kw["seed"], int) or kw["seed"] < 0:
+        raise ValueError(f"seed must be an int >= 0, got {kw['seed']!r}")
+    eps = kw["prune_eps"]
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < 1:
+        raise ValueError(f"prune_eps must be in [0, 1), got {eps!r}")
+    if not callable(kw["beta_fn"]):
+        raise TypeError(f"beta_fn must be callable, got {kw['beta_fn']!r}")
     k0 = kw["beta_fn"](torch.zeros(()))
-    if not torch.allclose(k0, torch.ones(())):
-        raise ValueError(f"beta_fn must satisfy k(0) = 1, got k(0) = {float(k0)}")
+    if not isinstance(k0, Tensor) or not torch.allclose(k0, torch.ones(())):
+        raise ValueError(f"beta_fn must satisfy k(0) = 1, got k(0) = {k0}")

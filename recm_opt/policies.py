@@ -33,7 +33,7 @@ no change beyond ES's penalty.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -98,10 +98,13 @@ class _PolicyModulation(Modulation):
     gamma_t: Tensor
 
     def __init__(self, terms: Sequence[str], state_dim: int) -> None:
-        # Skip Modulation.__init__: its r_theta (a lazy layer) and w_alpha have no role here.
+        # Skip Modulation.__init__: its r_theta and w_alpha have no role here.
         nn.Module.__init__(self)
         self.terms = tuple(terms)
         self._init_state(state_dim, one_plus_tanh)  # beta = k(0) = 1: h stays 0
+
+    def config(self) -> dict[str, Any]:  # noqa: D102
+        return {"kind": self.kind, "terms": list(self.terms), "state_dim": self.h.numel(), **self._eval_config()}
 
     def l_theta(self, sample: Tensor) -> Tensor:  # noqa: D102
         raise RuntimeError(f"{type(self).__name__} has no update function l_theta")
@@ -127,9 +130,18 @@ class _PolicyModulation(Modulation):
 class _ScheduleModulation(_PolicyModulation):
     """``alpha_i = triangle(t)`` for every term while training; ``alpha = 0`` when deployed."""
 
+    kind = "es"
+
     def __init__(self, terms: Sequence[str], state_dim: int, total_steps: int, peak: float) -> None:
         super().__init__(terms, state_dim)
         self.total_steps, self.peak = total_steps, peak
+
+    def config(self) -> dict[str, Any]:  # noqa: D102
+        return {**super().config(), "total_steps": self.total_steps, "peak": self.peak}
+
+    @classmethod
+    def from_config(cls, terms: Sequence[str], config: dict[str, Any]) -> Modulation:  # noqa: D102
+        return cls(terms, int(config["state_dim"]), int(config["total_steps"]), float(config["peak"]))
 
     def scheduled_alpha(self) -> float:
         """The training-time alpha of every term at the current step."""
@@ -148,6 +160,12 @@ class _ScheduleModulation(_PolicyModulation):
 class _ConstantModulation(_PolicyModulation):
     """``alpha_i = 1`` and ``beta = 1`` always: the residual path is a plain sum."""
 
+    kind = "rpp"
+
+    @classmethod
+    def from_config(cls, terms: Sequence[str], config: dict[str, Any]) -> Modulation:  # noqa: D102
+        return cls(terms, int(config["state_dim"]))
+
     def coefficients(self, with_grad: bool = False) -> tuple[Tensor, Tensor]:  # noqa: D102
         one = torch.ones((), dtype=self.w_beta.dtype, device=self.w_beta.device)
         return one.expand(len(self.terms)), one
@@ -156,15 +174,13 @@ class _ConstantModulation(_PolicyModulation):
 class _Policy(RECMOptimizer):
     """Shared behaviour of the policies: no input capture, no ``h`` recurrence, no projection."""
 
-    def _capture(self, layer: _Layer, args: tuple, kwargs: dict) -> None:
-        # The policy never looks at the data's symmetry: nothing to record.
-        return
+    captures_inputs = False  # the policy never looks at the data's symmetry: nothing to record
 
     def _project(self) -> None:
         # Neither paper bounds the branch by projection: its size is governed by the penalty or the prior.
         return
 
-    def _update_states(self) -> None:
+    def _update_states(self, items: list[tuple[_Layer, Any]]) -> None:
         # The h-update of RECM becomes a step counter (the schedule's clock).
         for layer in self._layers:
             layer.mod.advance()  # type: ignore[operator]
@@ -277,8 +293,9 @@ class EquivarianceSchedule(_Policy):
             for layer in self._layers
         ]
 
-    def _make_modulation(self, terms: tuple[str, ...], state_dim: int, hidden: int, seed: int,
-                         beta_fn: Callable[[Tensor], Tensor]) -> Modulation:
+    modulation_kind = "es"
+
+    def _make_modulation(self, terms: tuple[str, ...], *, state_dim: int, **_: Any) -> Modulation:
         return _ScheduleModulation(terms, state_dim, self.total_steps, self.peak)
 
     def _inputs(self, layer: _Layer, args: tuple, kwargs: dict) -> tuple[list[Any], list[Representation | None]]:
@@ -423,8 +440,9 @@ class ResidualPathwayPrior(_Policy):
         hook = optimizer.register_step_post_hook if self.decoupled else optimizer.register_step_pre_hook
         self._prior_hook = hook(lambda *_: ref()._apply_prior() if ref() is not None else None)  # type: ignore[union-attr]
 
-    def _make_modulation(self, terms: tuple[str, ...], state_dim: int, hidden: int, seed: int,
-                         beta_fn: Callable[[Tensor], Tensor]) -> Modulation:
+    modulation_kind = "rpp"
+
+    def _make_modulation(self, terms: tuple[str, ...], *, state_dim: int, **_: Any) -> Modulation:
         return _ConstantModulation(terms, state_dim)
 
     def prior_parameters(self) -> list[tuple[nn.Parameter, float]]:

@@ -18,7 +18,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from einops import rearrange
+from einops import EinopsError, rearrange
+from einops.parsing import ParsedExpression
 from torch import Tensor
 
 from .groups import Group, Kind
@@ -43,6 +44,10 @@ class Representation:
     kind: Kind | None = None
 
     def __init__(self, pattern: str, units: str | None = None, **sizes: int) -> None:
+        try:  # a malformed pattern fails here, at declaration, with einops' own message
+            ParsedExpression(pattern)
+        except EinopsError as err:
+            raise ValueError(f"pattern {pattern!r} is not a valid einops pattern: {err}") from err
         names = _axes(pattern)
         if not names or names[0] == "...":
             raise ValueError(f"pattern must start with a named unit axis, got {pattern!r}")
@@ -59,8 +64,37 @@ class Representation:
                 f"axis {self.axis!r} is a unit axis of {pattern!r}: l_theta averages over units, "
                 "so acting on them has no effect; act on a feature axis instead"
             )
+        for name, n in sizes.items():
+            if name not in names:
+                raise ValueError(f"size {name}={n!r} names no axis of pattern {pattern!r}")
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ValueError(f"size {name} must be an int >= 1, got {n!r}")
         features = [n for n in names if n not in self.units]
         self._target = f"{' '.join(self.units)} {' '.join(features)}"
+
+    def feature_width(self) -> int | None:
+        """Return the number of features per unit, or ``None`` when an axis size is undeclared.
+
+        This is the width each captured unit contributes to ``r_theta``'s input. Sizes
+        come from the declaration (``Vector("b c xyz", c=4)``: 12); ``...`` and axes
+        without a declared size make it unknown.
+
+        Example:
+            >>> Vector("b c xyz", c=4).feature_width(), Invariant("b").feature_width(), Invariant("b f").feature_width()
+            (12, 1, None)
+        """
+        width = 1
+        for name in _axes(self.pattern):
+            if name in self.units:
+                continue
+            size = self._known_size(name)
+            if size is None:
+                return None
+            width *= size
+        return width
+
+    def _known_size(self, name: str) -> int | None:
+        return None if name == "..." else self.sizes.get(name)
 
     def unit_view(self, x: Tensor, where: str = "input") -> tuple[Tensor, dict[str, int]]:
         """Rearrange ``x`` to ``(*units, *features)`` (a view where possible) and return unit sizes.
@@ -87,6 +121,9 @@ class Representation:
 
     def _check_axis(self, y: Tensor, x: Tensor, where: str) -> None:
         """Hook for subclasses to validate the acted-on axis size."""
+
+    def check_action(self, group: Group, elements: Tensor, x: Tensor, where: str) -> None:
+        """Check, once, that this representation can act on per-unit features ``x`` (a no-op here)."""
 
     def _axis_dim(self) -> int:
         """Position of the acted-on axis among the per-unit feature axes (negative index)."""
@@ -154,12 +191,13 @@ class Vector(Representation):
 
     kind: Kind = "vector"
 
-    def __init__(self, pattern: str = "b ... xyz", units: str | None = None, axis: str = "xyz", size: int = 3) -> None:
+    def __init__(self, pattern: str = "b ... xyz", units: str | None = None, axis: str = "xyz", size: int = 3,
+                 **sizes: int) -> None:
         if size not in (2, 3):
             raise ValueError(f"size must be 2 or 3, got {size}")
         self.axis, self.size = axis, size
         # Passing the size lets einops split packed axes such as "b (c xyz)" and check bare ones.
-        super().__init__(pattern, units, **{axis: size})
+        super().__init__(pattern, units, **{axis: size}, **sizes)
 
     def _check_axis(self, y: Tensor, x: Tensor, where: str) -> None:
         if y.shape[self._axis_dim()] != self.size:
@@ -169,7 +207,8 @@ class Vector(Representation):
             )
 
     def __repr__(self) -> str:
-        return f"Vector({self.pattern!r}, units={' '.join(self.units)!r}, axis={self.axis!r}, size={self.size})"
+        extra = "".join(f", {k}={v}" for k, v in self.sizes.items() if k != self.axis)
+        return f"Vector({self.pattern!r}, units={' '.join(self.units)!r}, axis={self.axis!r}, size={self.size}{extra})"
 
 
 class Permutation(Representation):
@@ -190,9 +229,9 @@ class Permutation(Representation):
 
     kind: Kind = "permutation"
 
-    def __init__(self, pattern: str, axis: str, units: str | None = None) -> None:
+    def __init__(self, pattern: str, axis: str, units: str | None = None, **sizes: int) -> None:
         self.axis = axis
-        super().__init__(pattern, units)
+        super().__init__(pattern, units, **sizes)
 
 
 class Irreps(Representation):
@@ -211,7 +250,8 @@ class Irreps(Representation):
     kind: Kind = "vector"
 
     def __init__(
-        self, irreps: Any, pattern: str = "b ... irreps", axis: str = "irreps", units: str | None = None
+        self, irreps: Any, pattern: str = "b ... irreps", axis: str = "irreps", units: str | None = None,
+        **sizes: int,
     ) -> None:
         try:
             from e3nn import o3
@@ -219,7 +259,10 @@ class Irreps(Representation):
             raise ImportError("Irreps needs e3nn: pip install 'recm_opt[e3nn]'") from err
         self.irreps = o3.Irreps(irreps)
         self.axis = axis
-        super().__init__(pattern, units)
+        super().__init__(pattern, units, **sizes)
+
+    def _known_size(self, name: str) -> int | None:
+        return int(self.irreps.dim) if name == self.axis else super()._known_size(name)
 
     def _check_axis(self, y: Tensor, x: Tensor, where: str) -> None:
         if y.shape[self._axis_dim()] != self.irreps.dim:
@@ -242,7 +285,9 @@ class Custom(Representation):
     """Escape hatch: ``fn(g, x) -> x'`` for one natural-representation element ``g``.
 
     ``x`` has shape ``(S, *features)``, the per-unit features in pattern order. ``fn``
-    must be a group action (``fn(e, x) = x``, ``fn(gh, x) = fn(g, fn(h, x))``).
+    must be a group action (``fn(e, x) = x``, ``fn(gh, x) = fn(g, fn(h, x))``). The
+    optimizer checks it at its first use (:meth:`check_action`): same shape out as in,
+    the identity leaves ``x`` unchanged, every generator gives finite values.
 
     Example:
         >>> rep = Custom(lambda g, x: -x if torch.det(g) < 0 else x, "b f")
@@ -251,12 +296,35 @@ class Custom(Representation):
     """
 
     def __init__(
-        self, fn: Callable[[Tensor, Tensor], Tensor], pattern: str = "b ...", units: str | None = None
+        self, fn: Callable[[Tensor, Tensor], Tensor], pattern: str = "b ...", units: str | None = None,
+        **sizes: int,
     ) -> None:
         if not callable(fn):
             raise TypeError(f"fn must be callable, got {fn!r}")
         self.fn = fn
-        super().__init__(pattern, units)
+        super().__init__(pattern, units, **sizes)
 
     def act(self, group: Group | None, elements: Tensor, x: Tensor) -> Tensor:  # noqa: D102
         return torch.stack([self.fn(g.to(x.dtype), x) for g in elements])
+
+    def check_action(self, group: Group, elements: Tensor, x: Tensor, where: str) -> None:
+        """Check ``fn`` on real features ``x``: shape kept, ``fn(e, x) = x``, finite for every generator.
+
+        Raises:
+            ValueError: naming ``where`` (the layer and input) and what failed.
+        """
+        e = torch.eye(elements.shape[-1], dtype=elements.dtype)
+        for name, g in [("the identity", e), *((f"generator {i}", g) for i, g in enumerate(elements))]:
+            try:
+                out = self.fn(g.to(x.dtype), x)
+            except Exception as err:
+                raise ValueError(f"{where}: Custom action failed on {name}: {err}") from err
+            if not isinstance(out, Tensor) or out.shape != x.shape:
+                shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+                raise ValueError(f"{where}: Custom action must return the features' shape {tuple(x.shape)}, "
+                                 f"got {shape} for {name}")
+            if not bool(torch.isfinite(out).all()) and bool(torch.isfinite(x).all()):
+                raise ValueError(f"{where}: Custom action returned non-finite values for {name}")
+            if name == "the identity" and not torch.allclose(out, x, atol=1e-5, rtol=1e-4):
+                raise ValueError(f"{where}: Custom action is not a group action: fn(identity, x) != x "
+                                 f"(max difference {float((out - x).abs().max()):.3g})")

@@ -13,6 +13,7 @@ uses the committed alpha and beta and skips pruned terms, exactly as
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -53,8 +54,16 @@ class Relaxation:
         return tuple(self.terms)
 
 
+def equivariant_parameters(target: Any) -> list[inspect.Parameter]:
+    """The input parameters of ``target.equivariant``: on a class, without its first (``self``) one."""
+    params = list(inspect.signature(target.equivariant).parameters.values())
+    if isinstance(target, type) and not isinstance(inspect.getattr_static(target, "equivariant"), staticmethod):
+        params = params[1:]  # the instance argument, whatever it is called
+    return params
+
+
 def _normalise_inputs(target: Any, inputs: Any) -> dict[str, Representation]:
-    params = [p for p in inspect.signature(target.equivariant).parameters.values() if p.name != "self"]
+    params = equivariant_parameters(target)
     if isinstance(inputs, Representation):
         inputs = {params[0].name: inputs} if params else {}
     if not isinstance(inputs, Mapping):
@@ -127,10 +136,65 @@ def relaxed(target: M | None = None, *, inputs: Any, terms: Any = ("weight",)) -
     if is_class:
         setattr(target, _TAG, tag)
         target.forward = _relaxed_forward  # type: ignore[method-assign]
+        if not getattr(target, "_recm_loads_modulation", False):
+            target._recm_loads_modulation = True  # type: ignore[attr-defined]
+            original = target._load_from_state_dict
+
+            def _load_from_state_dict(self: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+                _modulation_from_checkpoint(self, state_dict, prefix)
+                original(self, state_dict, prefix, *args)
+
+            target._load_from_state_dict = _load_from_state_dict  # type: ignore[method-assign]
     else:
         object.__setattr__(target, _TAG, tag)
-        object.__setattr__(target, "forward", _relaxed_forward.__get__(target))
+        # partial, not a bound method: deep copies and pickles of the instance keep working
+        object.__setattr__(target, "forward", functools.partial(_relaxed_forward, target))
+        if not target.__dict__.get("_recm_loads_modulation", False):
+            object.__setattr__(target, "_recm_loads_modulation", True)
+            target.register_load_state_dict_pre_hook(_modulation_from_checkpoint_hook)
     return target
+
+
+def _modulation_from_checkpoint(module: nn.Module, state_dict: Mapping[str, Any], prefix: str) -> None:
+    """Give a tagged layer the modulation a checkpoint holds for it, before its tensors load.
+
+    A model saved with RECM state has ``<layer>.recm_modulation.*`` keys; a freshly built
+    model has no modulation until an optimizer attaches one. Creating it here lets
+    ``model.load_state_dict`` restore a trained model without an optimizer (evaluation,
+    Lightning's resume, which restores the model before ``configure_optimizers``). An
+    optimizer built afterwards adopts it, state included.
+    """
+    key = f"{prefix}{_MODULATION}."
+    if _MODULATION in module._modules or not any(k.startswith(key) for k in state_dict):
+        return
+    from .modulation import modulation_from_config
+
+    tag = get_relaxation(module)
+    assert tag is not None
+    from .modulation import config_from
+
+    config = config_from(state_dict.get(key + "_extra_state"))
+    if not isinstance(config, Mapping):  # a checkpoint from recm_opt 0.1: only the standard kind existed
+        weight = state_dict.get(key + "r_theta.0.weight")
+        if not isinstance(weight, Tensor) or weight.dim() != 2 or key + "w_beta" not in state_dict:
+            raise ValueError(f"{key[:-1]}: the checkpoint's modulation has no configuration and no "
+                             "materialised r_theta; it cannot be rebuilt (train one step before saving)")
+        config = {"kind": "recm", "state_dim": state_dict[key + "w_beta"].numel(), "hidden": weight.shape[0],
+                  "in_features": weight.shape[1]}
+    saved_terms = tuple(config.get("terms", tag.term_names))
+    if saved_terms != tag.term_names:
+        raise ValueError(f"{key[:-1]}: the checkpoint's terms {saved_terms} differ from the layer's "
+                         f"{tag.term_names}")
+    mod = modulation_from_config(tag.term_names, dict(config))
+    ref = next(iter(module.parameters()), None)
+    if ref is not None and ref.is_floating_point():
+        mod.to(device=ref.device, dtype=ref.dtype)
+    module.add_module(_MODULATION, mod)
+
+
+def _modulation_from_checkpoint_hook(module: nn.Module, state_dict: Mapping[str, Any], prefix: str,
+                                     *_: Any) -> None:
+    _modulation_from_checkpoint(module, state_dict, prefix)
 
 
 def is_relaxed(module: nn.Module) -> bool:

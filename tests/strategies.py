@@ -117,10 +117,11 @@ def layer_data(draw: st.DrawFn, group: Group, units: int, dtype: torch.dtype = t
     """
     g = rng(draw(seeds()))
     if isinstance(group, recm.PermutationGenerators):
-        zrep, yrep = recm.Permutation("b set f", axis="set"), recm.Permutation("b set", axis="set")
+        zrep = recm.Permutation("b set f", axis="set", set=group.n, f=2)
+        yrep = recm.Permutation("b set", axis="set", set=group.n)
         z, y = torch.randn(units, group.n, 2, generator=g), torch.randn(units, group.n, generator=g)
     elif draw(st.booleans()):
-        zrep, yrep = recm.Vector("b c xyz"), recm.Invariant("b")
+        zrep, yrep = recm.Vector("b c xyz", c=2), recm.Invariant("b")
         z, y = torch.randn(units, 2, 3, generator=g), torch.randn(units, generator=g)
     else:
         zrep, yrep = recm.Vector("b xyz"), recm.Vector("b xyz")
@@ -158,18 +159,16 @@ def capture(group: Group, zrep: recm.Representation, yrep: recm.Representation, 
             ) -> tuple[nn.Module, recm.RECMOptimizer]:
     """Run ``steps`` optimizer steps (learning rates 0) on the one batch ``(z, y)``.
 
-    ``scale`` multiplies r_theta's two layers (materialised first) to vary B. The
+    ``scale`` multiplies r_theta's two layers to vary B. The
     layer's ``recm_modulation.newest`` is then exactly the batch and its generator
     copies, and ``h`` the closed form of ``l_theta`` of that batch.
     """
     model = probe_layer(zrep).to(z.dtype)
     kwargs.setdefault("max_units", len(z))
     opt = recm.RECMOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model, group, target=yrep,
-                             lr=0.0, **kwargs)  # type: ignore[arg-type]
+                             lr=0.0, example=z[:1], **kwargs)  # type: ignore[arg-type]
     mod = model.recm_modulation
-    width = z[0].numel() + y[0].numel()
     with torch.no_grad():
-        mod.r_theta(torch.zeros(1, width, dtype=z.dtype))  # materialise the lazy input layer
         for layer, s in zip((mod.r_theta[0], mod.r_theta[2]), scale):
             layer.weight.mul_(s)
             layer.bias.mul_(s)

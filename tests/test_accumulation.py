@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import TinyNet
+from tiny import TinyNet, example
 from torch import Tensor
 
 import recm_opt as recm
@@ -29,7 +29,7 @@ def _run(sizes: list[int], steps: int, dtype: torch.dtype) -> tuple[list[Tensor]
     """Train with each step's batch split into micro-batches of ``sizes``; return params and h."""
     model = TinyNet().to(dtype)
     opt = RECMOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model,
-                        target=recm.Vector("b xyz"), a=0.1)
+                        target=recm.Vector("b xyz"), a=0.1, example=example(model))
     total = sum(sizes)
     for step in range(steps):
         g = torch.Generator().manual_seed(step)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from tiny import TinyNet, batch
+from tiny import TinyNet, batch, example
 from torch import Tensor, nn
 from torch.optim import lr_scheduler
 from torch.optim.swa_utils import SWALR
@@ -21,7 +21,7 @@ from recm_opt.optimizer import RECMOptimizer
 
 
 def wrap(model: nn.Module, inner: torch.optim.Optimizer, **kw: object) -> RECMOptimizer:
-    return RECMOptimizer(inner, model, target=recm.Vector("b xyz"), a=0.1, **kw)
+    return RECMOptimizer(inner, model, target=recm.Vector("b xyz"), a=0.1, example=example(model), **kw)
 
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, seed: int = 0) -> Tensor:
@@ -249,3 +249,68 @@ def test_state_dict_hooks_on_the_wrapper_run() -> None:
     opt.register_load_state_dict_post_hook(lambda o: calls.append("load-post"))
     opt.load_state_dict(opt.state_dict())
     assert calls == ["sd-pre", "sd-post", "load-pre", "load-post"]
+
+
+# ------------------------------------------------------------------- ecosystem details
+def test_fused_sgd_with_momentum_steps_past_the_second_step() -> None:
+    """SGD(momentum, fused): r_theta's first gradient arrives a step after w_beta's, and fused SGD still steps."""
+    model = TinyNet()
+    opt = wrap(model, torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9, fused=True))
+    for step in range(3):
+        train_step(model, opt, seed=step)
+    assert int(model.enc.recm_modulation.t) == 3
+
+
+def test_global_optimizer_step_hooks_fire_once_per_step() -> None:
+    """Hooks registered for every optimizer (register_optimizer_step_pre/post_hook) fire once per wrapper step."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    model = TinyNet()
+    opt = wrap(model, torch.optim.SGD(model.parameters(), lr=0.01))
+    calls: list[str] = []
+    handles = [register_optimizer_step_pre_hook(lambda o, a, k: calls.append(f"pre:{type(o).__name__}")),
+               register_optimizer_step_post_hook(lambda o, a, k: calls.append(f"post:{type(o).__name__}"))]
+    try:
+        for step in range(2):
+            train_step(model, opt, seed=step)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert calls == ["pre:RECMOptimizer", "post:RECMOptimizer"] * 2
+
+
+def test_train_and_eval_reach_a_schedule_free_inner_optimizer() -> None:
+    """opt.train() / opt.eval() switch a schedule-free inner optimizer between its two points."""
+    schedule_free = pytest.importorskip("pytorch_optimizer").ScheduleFreeAdamW
+    model = TinyNet()
+    inner = schedule_free(model.parameters(), lr=1e-2)
+    opt = wrap(model, inner)
+    opt.train()
+    for step in range(3):
+        train_step(model, opt, seed=step)
+    before = model.enc.weight.detach().clone()
+    opt.eval()
+    assert not torch.equal(model.enc.weight, before)  # the eval point (x) differs from the train point (y)
+    opt.train()
+    torch.testing.assert_close(model.enc.weight, before)
+
+
+def test_report_measures_symmetry_gaps_only_when_asked() -> None:
+    """report() is cheap (no W1 assignment problem); report(gaps=True) adds gap_w1, lipschitz and alpha_bound."""
+    pytest.importorskip("scipy")
+    model = TinyNet()
+    opt = wrap(model, torch.optim.SGD(model.parameters(), lr=0.01))
+    train_step(model, opt)
+    assert not any("gap_w1" in row for row in opt.report())
+    assert all({"gap_w1", "lipschitz", "alpha_bound"} <= set(row) for row in opt.report(gaps=True))
+
+
+def test_one_cycle_lr_takes_one_max_lr_per_group_including_recms() -> None:
+    """OneCycleLR with a per-group max_lr list: one entry per group, the RECM group last."""
+    model = TinyNet()
+    opt = wrap(model, torch.optim.AdamW(model.parameters(), lr=1e-3))
+    assert [bool(g.get("recm")) for g in opt.param_groups] == [False, True]
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[1e-2, 1e-3], total_steps=10)
+    train_step(model, opt)
+    sched.step()
+    assert opt.param_groups[0]["lr"] > 10 * opt.param_groups[1]["lr"] * 0.99

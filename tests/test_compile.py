@@ -12,7 +12,7 @@ import io
 
 import pytest
 import torch
-from tiny import TinyNet, train_steps
+from tiny import TinyNet, example, train_steps
 from torch import Tensor, nn
 from torch._dynamo.utils import counters
 
@@ -23,7 +23,8 @@ BACKEND = "aot_eager"
 
 
 def build(model: nn.Module) -> RECMOptimizer:
-    return RECMOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), model, target=recm.Vector("b xyz"), a=0.1)
+    return RECMOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), model, target=recm.Vector("b xyz"), a=0.1,
+                         example=example(model))
 
 
 

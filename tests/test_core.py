@@ -28,7 +28,8 @@ def _train(model, opt, x, y, steps=5, batch=16):
 def _vector_setup(seed=0, **kw):
     torch.manual_seed(seed)
     model = VectorNet()
-    opt = recm.RECMOptimizer(torch.optim.Adam(model.parameters(), lr=1e-3), model, target=recm.Vector("b xyz"), **kw)
+    opt = recm.RECMOptimizer(torch.optim.Adam(model.parameters(), lr=1e-3), model, target=recm.Vector("b xyz"),
+                             example=torch.zeros(1, 4, 3), **kw)
     return model, opt
 
 
@@ -134,7 +135,8 @@ class _VNLayer(nn.Module):
 def test_vector_neuron_units_one_per_point_with_broadcast_labels():
     """VN (B, C, 3, N) with class labels: one unit per point, the label broadcast to its points."""
     layer = _VNLayer(2, 4)
-    opt = recm.RECMOptimizer(torch.optim.Adam(layer.parameters()), layer, max_units=1000)
+    opt = recm.RECMOptimizer(torch.optim.Adam(layer.parameters()), layer, max_units=1000,
+                             example=torch.zeros(1, 2, 3, 1))
     z, labels = torch.randn(3, 2, 3, 7), torch.tensor([0, 1, 2])
     layer(z).sum().backward()
     opt.step(target=labels)
@@ -161,7 +163,8 @@ class _NodeLayer(nn.Module):
 def test_graph_units_one_per_node_with_per_node_targets():
     """EGNN layout: node scalars (n, F) and coordinates (n, 3), per-node 3-vector targets; non-tensors ignored."""
     layer = _NodeLayer()
-    opt = recm.RECMOptimizer(torch.optim.Adam(layer.parameters()), layer, target=recm.Vector("n xyz"))
+    opt = recm.RECMOptimizer(torch.optim.Adam(layer.parameters()), layer, target=recm.Vector("n xyz"),
+                             example=(torch.zeros(1, 5), torch.zeros(1, 3)))
     h, x, y = torch.randn(10, 5), torch.randn(10, 3), torch.randn(10, 3)
     layer(h, x, edge_index="not a tensor").sum().backward()
     opt.step(target=y)
@@ -175,7 +178,8 @@ def test_graph_units_one_per_node_with_per_node_targets():
 def test_captured_units_are_bounded_by_subsampling():
     """A batch with more units than max_units keeps exactly max_units of them."""
     layer = _VNLayer(2, 2)
-    opt = recm.RECMOptimizer(torch.optim.Adam(layer.parameters()), layer, max_units=50)
+    opt = recm.RECMOptimizer(torch.optim.Adam(layer.parameters()), layer, max_units=50,
+                             example=torch.zeros(1, 2, 3, 1))
     layer(torch.randn(8, 2, 3, 100)).sum().backward()
     opt.step(target=torch.zeros(8))
     assert layer.recm_modulation.newest.shape[1] == 50
@@ -199,7 +203,7 @@ def test_target_mismatch_raises():
 def test_step_without_target_is_a_clear_error_and_changes_nothing():
     """Captured inputs with a declared target but no target: ValueError before any change."""
     model, opt = _vector_setup()
-    params = [p for p in model.parameters() if not isinstance(p, nn.parameter.UninitializedParameter)]
+    params = list(model.parameters())
     before = [p.detach().clone() for p in params]
     model(torch.randn(8, 4, 3)).sum().backward()
     with pytest.raises(ValueError, match="observe"):
@@ -214,13 +218,17 @@ def test_layer_that_never_ran_keeps_h_with_one_warning():
     class TwoPaths(nn.Module):
         def __init__(self):
             super().__init__()
-            self.used, self.unused = RelaxedVectorLinear(4, 1), RelaxedVectorLinear(4, 1)
+            self.used = RelaxedVectorLinear(4, 1)
+            # never runs, so an example batch cannot size it: its input sizes are declared
+            self.unused = recm.relaxed(RelaxedVectorLinear(4, 1), inputs=recm.Vector("b c xyz", c=4),
+                                       terms=recm.get_relaxation(self.used).terms)
 
         def forward(self, z):
             return self.used(z)[:, 0]
 
     model = TwoPaths()
-    opt = recm.RECMOptimizer(torch.optim.Adam(model.parameters()), model, target=recm.Vector("b xyz"))
+    opt = recm.RECMOptimizer(torch.optim.Adam(model.parameters()), model, target=recm.Vector("b xyz"),
+                             example={"z": torch.zeros(1, 4, 3)})
     x, y = make_task(48, 1.0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -307,7 +315,7 @@ def test_modulation_params_join_inner_optimizer_in_own_group_without_weight_deca
     """r_theta, w_alpha and w_beta are one extra param group of the inner optimizer, weight decay 0."""
     model = VectorNet()
     inner = torch.optim.AdamW(model.parameters(), weight_decay=0.1)
-    opt = recm.RECMOptimizer(inner, model)
+    opt = recm.RECMOptimizer(inner, model, example=torch.zeros(1, 4, 3))
     assert len(inner.param_groups) == 2 and inner.param_groups[1]["recm"] and inner.param_groups[1]["weight_decay"] == 0
     assert opt.param_groups is inner.param_groups
     mod = model.layers[0].recm_modulation

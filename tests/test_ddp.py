@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from tiny import TinyNet
+from tiny import TinyNet, example
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -37,7 +37,7 @@ def data(step: int) -> tuple[Tensor, Tensor]:
 def train(model: nn.Module, rank: int | None) -> RECMOptimizer:
     """STEPS steps on the rank's slice (rank None: the whole batch, in one process)."""
     opt = RECMOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model,
-                        target=recm.Vector("b xyz"), a=0.1)
+                        target=recm.Vector("b xyz"), a=0.1, example=example(model))
     for step in range(STEPS):
         x, y = data(step)
         if rank is not None:

@@ -23,7 +23,7 @@ def _trained(seed: int, steps: int, broken: float = 0.0) -> tuple[nn.Module, rec
     torch.manual_seed(seed)  # the example model initialises from the global stream
     model = VectorNet(c_in=3, hidden=6).double()
     opt = recm.RECMOptimizer(torch.optim.Adam(model.parameters(), lr=1e-3), model, SO3, target=recm.Vector("b xyz"),
-                             seed=seed)
+                             seed=seed, example=torch.zeros(1, 3, 3, dtype=torch.float64))
     x, y = make_task(64, broken, c_in=3, seed=seed)
     x, y = x.double(), y.double()
     for _ in range(steps):

@@ -23,9 +23,7 @@ def _shifted_sample(shift: float, seed: int = 0) -> Tensor:
 
 def _maximise_l(stacked: Tensor, steps: int = 150) -> float:
     """Train r_theta alone to maximise E_p[l_theta]_0 with both spectral norms <= 1; return E_p[l]_0 / B."""
-    mod = Modulation(("weight",), state_dim=4, hidden=16, seed=0).double()
-    with torch.no_grad():
-        mod.r_theta(stacked)  # materialise the lazy input layer
+    mod = Modulation(("weight",), state_dim=4, hidden=16, seed=0, in_features=stacked.shape[-1]).double()
     opt = torch.optim.Adam(mod.r_theta.parameters(), lr=3e-2)
     for _ in range(steps):
         opt.zero_grad()

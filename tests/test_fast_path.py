@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from vector_model import RelaxedVectorLinear
 
 import recm_opt as recm
-import recm_opt.optimizer as optimizer_module
+import recm_opt._update as update_module
 from recm_opt.modulation import (
     Modulation,
     _foreach_commit,
@@ -31,9 +31,8 @@ TOL = 1e-12
 
 def _modulations(seed: int, n: int, d: int, terms: int = 3) -> list[Modulation]:
     g = rng(seed)
-    mods = [Modulation(tuple(f"t{i}" for i in range(terms)), seed=seed + j).double() for j in range(n)]
+    mods = [Modulation(tuple(f"t{i}" for i in range(terms)), seed=seed + j, in_features=d).double() for j in range(n)]
     for mod in mods:
-        mod.r_theta(torch.zeros(1, d, dtype=torch.float64))  # materialise the lazy input layer
         with torch.no_grad():
             mod.h.copy_(torch.randn(mod.h.shape, generator=g, dtype=torch.float64))
             mod.w_alpha.copy_(torch.randn(mod.w_alpha.shape, generator=g, dtype=torch.float64))
@@ -121,7 +120,7 @@ def test_cached_action_equals_rep_act(group: recm.Group, rep: recm.Representatio
     feat, _ = rep.unit_view(x)
     feat = feat.reshape(-1, *feat.shape[len(rep.units):])
     for _ in range(2):  # built once, then read from the cache
-        torch.testing.assert_close(opt._act(rep, feat), rep.act(group, group.generators(), feat))
+        torch.testing.assert_close(opt._book._act(rep, feat), rep.act(group, group.generators(), feat))
 
 
 @recm.relaxed(inputs=recm.Vector("b xyz"), terms={"weight": "un"})
@@ -164,7 +163,8 @@ def _train(seed: int, batch: int, max_units: int, accumulate: int, steps: int = 
     model = _Net().double()
     # SGD, not Adam: Adam turns a rounding-level gradient (the exact one is 0) into a full-size step.
     opt = recm.RECMOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, target=recm.Vector("b xyz"),
-                             a=0.5, max_units=max_units, seed=seed, prune_eps=0.05)
+                             a=0.5, max_units=max_units, seed=seed, prune_eps=0.05,
+                             example=torch.zeros(1, 4, 3, dtype=torch.float64))
     g = rng(seed)
     for _ in range(steps):
         for _ in range(accumulate):
@@ -183,8 +183,8 @@ def _train(seed: int, batch: int, max_units: int, accumulate: int, steps: int = 
 def test_batched_step_equals_per_layer_reference(seed: int, batch: int, max_units: int, accumulate: int) -> None:
     """Training with the batched step and with the per-layer loop gives the same parameters, h, t and newest."""
     fast, fast_live = _train(seed, batch, max_units, accumulate)
-    # every layer takes the per-layer reference path: _l_mean, commit, coefficients, project_norm_
-    with mock.patch.object(optimizer_module, "is_standard", lambda mod: False), \
+    # every layer takes the per-layer reference path: l_mean, commit, coefficients, project_norm_
+    with mock.patch.object(update_module, "is_standard", lambda mod: False), \
             mock.patch.object(recm.RECMOptimizer, "_project", _reference_project):
         ref, ref_live = _train(seed, batch, max_units, accumulate)
     for (name, p), q in zip(fast.named_parameters(), ref.parameters()):
@@ -208,10 +208,11 @@ def test_unravel_equals_torch_unravel_index(seed: int, sizes: list[int]) -> None
 def _after_one_step(seed: int = 0) -> tuple[nn.Module, recm.RECMOptimizer, Tensor, Tensor]:
     torch.manual_seed(seed)
     model = _Net().double()
-    opt = recm.RECMOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, target=recm.Vector("b xyz"), a=0.5)
+    opt = recm.RECMOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, target=recm.Vector("b xyz"), a=0.5,
+                             example=torch.zeros(1, 4, 3, dtype=torch.float64))
     g = rng(seed)
     x, y = torch.randn(6, 4, 3, generator=g, dtype=torch.float64), torch.randn(6, 3, generator=g, dtype=torch.float64)
-    for _ in range(2):  # r_theta is lazy: the first step materialises it on the per-layer path
+    for _ in range(2):
         (model(x) - y).pow(2).mean().backward()
         opt.step(target=y)
         opt.zero_grad()

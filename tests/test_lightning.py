@@ -46,7 +46,7 @@ class LitVectors(pl.LightningModule):
 
     def configure_optimizers(self) -> RECMOptimizer:
         return RECMOptimizer(torch.optim.AdamW(self.parameters(), lr=1e-2), self,
-                             target=recm.Vector("b xyz"), a=0.1)
+                             target=recm.Vector("b xyz"), a=0.1, example=torch.zeros(1, 4, 3))
 
 
 def loader() -> DataLoader:
@@ -72,3 +72,32 @@ def test_lightning_trainer_trains_with_observe_in_training_step() -> None:
         assert mod.newest is not None and mod.newest.shape[1] == 8  # the last batch, captured once
     assert not torch.equal(before, model.enc.weight)
     assert all(math.isfinite(v) for v in model.losses) and len(model.losses) == STEPS
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_lightning_resume_from_checkpoint_continues_h(tmp_path) -> None:
+    """fit(ckpt_path=...) into a fresh module: Lightning restores the model (and its RECM state) before
+    configure_optimizers, the optimizer adopts it, and training continues from t = 2 to t = STEPS."""
+    def trainer(steps: int, **kw: object) -> pl.Trainer:
+        return pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                          enable_model_summary=False, num_sanity_val_steps=0, **kw)
+
+    torch.manual_seed(0)
+    first = LitVectors()
+    t = trainer(2, default_root_dir=str(tmp_path), enable_checkpointing=True)
+    t.fit(first, loader())
+    ckpt = str(tmp_path / "resume.ckpt")
+    t.save_checkpoint(ckpt)
+
+    evaluated = LitVectors()  # the model alone, for evaluation: its RECM state comes with it
+    evaluated.load_state_dict(torch.load(ckpt, weights_only=True)["state_dict"])
+    assert torch.equal(evaluated.enc.recm_modulation.h, first.enc.recm_modulation.h)
+
+    torch.manual_seed(1)  # another init: everything comes from the checkpoint
+    resumed = LitVectors()
+    assert not hasattr(resumed.enc, "recm_modulation")
+    trainer(STEPS, enable_checkpointing=False).fit(resumed, loader(), ckpt_path=ckpt)
+    assert int(resumed.enc.recm_modulation.t) == STEPS
+    opt = resumed.trainer.optimizers[0]
+    assert [len(g["params"]) for g in opt.param_groups] == [4, 12]  # the layers' own, then RECM's

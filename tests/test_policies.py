@@ -238,7 +238,8 @@ def _train_vector(make_opt, steps: int = 120) -> tuple[float, float]:
 @pytest.mark.parametrize(
     "make_opt",
     [
-        lambda m: recm.RECMOptimizer(torch.optim.Adam(m.parameters(), lr=1e-2), m, target=recm.Vector("b xyz")),
+        lambda m: recm.RECMOptimizer(torch.optim.Adam(m.parameters(), lr=1e-2), m, target=recm.Vector("b xyz"),
+                                     example=torch.zeros(1, 4, 3)),
         lambda m: recm.EquivarianceSchedule(torch.optim.Adam(m.parameters(), lr=1e-2), m, total_steps=120),
         lambda m: recm.ResidualPathwayPrior(torch.optim.Adam(m.parameters(), lr=1e-2), m),
     ],

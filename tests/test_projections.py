@@ -72,7 +72,8 @@ def test_projection_bounds_hold_after_adversarial_steps(seed: int, name: str, lo
     torch.manual_seed(seed % 2**31)  # the example model initialises from the global stream
     model = VectorNet(c_in=2, hidden=4).to(dtype)
     opt = recm.RECMOptimizer(OPTIMIZERS[name](model.parameters(), 10**log_lr), model,
-                             target=recm.Vector("b xyz"), weight_radius=radius, a=0.5, seed=seed % 1000)
+                             target=recm.Vector("b xyz"), weight_radius=radius, a=0.5, seed=seed % 1000,
+                             example=torch.zeros(1, 2, 3, dtype=dtype))
     x = torch.randn(6, 2, 3, generator=rng(seed), dtype=torch.float64).to(dtype)
     # Slack: the projected norm is radius * (1 + a few ulps) after rounding.
     slack = 1 + 16 * torch.finfo(dtype).eps
@@ -90,10 +91,11 @@ def test_non_finite_gradients_skip_the_step_and_keep_the_bounds(bad: float) -> N
     """A NaN/Inf gradient skips the whole step (skip_nonfinite), so the bounds and parameters are unchanged."""
     torch.manual_seed(0)
     model = VectorNet(c_in=2, hidden=4)
-    opt = recm.RECMOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), model, target=recm.Vector("b xyz"))
+    opt = recm.RECMOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), model, target=recm.Vector("b xyz"),
+                             example=torch.zeros(1, 2, 3))
     x = torch.randn(6, 2, 3, generator=rng(0))
     model(x).sum().backward()
-    opt.step(target=x[:, 0])  # the first step materialises r_theta's lazy input layer
+    opt.step(target=x[:, 0])  # one real step first, so that r_theta has a gradient path too
     opt.zero_grad()
     before = [p.detach().clone() for p in model.parameters()]
     model(x).sum().backward()

@@ -30,7 +30,7 @@ def _closed_form(h0: torch.Tensor, ys: torch.Tensor, a: float, b: float) -> torc
 def test_recurrence_matches_closed_form(seed: int, steps: int, m: int, a: float, b: float, scale: float) -> None:
     """h_t = lambda_t h_0 + (1 - lambda_t) mean(Y_1..Y_t), lambda_t = b / (b + a t), for every t (float64)."""
     g = rng(seed)
-    mod = Modulation(("weight",), state_dim=m).double()
+    mod = Modulation(("weight",), state_dim=m, in_features=3).double()
     h0 = torch.randn(m, generator=g, dtype=torch.float64) * scale
     ys = torch.randn(steps, m, generator=g, dtype=torch.float64) * scale
     mod.h.copy_(h0)
@@ -89,7 +89,7 @@ def test_h_converges_to_expected_l(seed: int, support: int, batch: int, a: float
     """
     g = rng(seed)
     m, steps = 6, 400
-    mod = Modulation(("weight",), state_dim=m, seed=seed % 1000).double()
+    mod = Modulation(("weight",), state_dim=m, seed=seed % 1000, in_features=4).double()
     atoms = torch.randn(3, support, 4, generator=g, dtype=torch.float64)  # (1 + |C_G|, support, d)
     per_unit = torch.stack([mod.l_theta(atoms[:, i : i + 1]) for i in range(support)]).detach()
     mean_l, sigma = per_unit.mean(0), per_unit.std(0, unbiased=False)

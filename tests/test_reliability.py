@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import torch
-from tiny import TinyVectorLinear, batch
+from tiny import TinyVectorLinear, batch, example
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, update_bn
 from torch.utils.checkpoint import checkpoint
@@ -50,7 +50,7 @@ class HygieneNet(nn.Module):
 
 
 def wrap(model: nn.Module, inner: torch.optim.Optimizer, **kw: Any) -> RECMOptimizer:
-    return RECMOptimizer(inner, model, target=recm.Vector("b xyz"), a=0.1, **kw)
+    return RECMOptimizer(inner, model, target=recm.Vector("b xyz"), a=0.1, example=example(model), **kw)
 
 
 def modulations(model: nn.Module) -> list[nn.Module]:
@@ -82,7 +82,7 @@ def _vector_net(seed: int = 0) -> tuple[nn.Module, RECMOptimizer]:
     torch.manual_seed(seed)
     model = VectorNet()
     return model, RECMOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), model,
-                                target=recm.Vector("b xyz"), a=0.1)
+                                target=recm.Vector("b xyz"), a=0.1, example=torch.zeros(1, 4, 3))
 
 
 def _train(model: nn.Module, opt: RECMOptimizer, steps: range) -> None:
@@ -123,8 +123,8 @@ def test_resume_is_bit_exact_and_weights_only_loadable() -> None:
     assert_identical(snapshot(model), expected)
 
 
-def test_plain_adamw_checkpoint_starts_fresh_recm_state_with_one_warning() -> None:
-    """A checkpoint of the bare inner optimizer loads its state and resets RECM's, warning once."""
+def test_plain_adamw_checkpoint_loads_inner_state_and_keeps_the_models_recm_state() -> None:
+    """A checkpoint of the bare inner optimizer loads its state, warning once; RECM's state is the model's."""
     torch.manual_seed(0)
     plain = HygieneNet()
     plain_opt = torch.optim.AdamW(plain.parameters(), lr=1e-2)
@@ -138,13 +138,14 @@ def test_plain_adamw_checkpoint_starts_fresh_recm_state_with_one_warning() -> No
     model = HygieneNet()
     model.load_state_dict(ckpt["model"])  # before the wrapper adds its modulations: strict load works
     opt = wrap(model, torch.optim.AdamW(model.parameters(), lr=1e-2))
-    _step(model, opt, batch(seed=5))  # some RECM state that the load must reset
+    _step(model, opt, batch(seed=5))  # some RECM state, which lives in the model
+    hs = [mod.h.clone() for mod in modulations(model)]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         opt.load_state_dict(ckpt["opt"])
     assert len(caught) == 1 and "no RECM param group" in str(caught[0].message)
-    for mod in modulations(model):
-        assert int(mod.t) == 0 and not mod.h.any() and mod.newest is None
+    for mod, h in zip(modulations(model), hs):
+        assert int(mod.t) == 1 and torch.equal(mod.h, h) and mod.newest is None
     # The inner state of the model's own parameters is the plain run's.
     wrapped = dict(model.named_parameters())
     for name, p in plain.named_parameters():
@@ -152,7 +153,7 @@ def test_plain_adamw_checkpoint_starts_fresh_recm_state_with_one_warning() -> No
             assert torch.equal(opt.state[wrapped[name]]["exp_avg"], plain_opt.state[p]["exp_avg"])
     assert not any(opt.state[p] for mod in modulations(model) for p in mod.parameters())
     _step(model, opt, batch(seed=6))
-    assert [int(m.t) for m in modulations(model)] == [1, 1]
+    assert [int(m.t) for m in modulations(model)] == [2, 2]
 
 
 def _checkpoint_plain(model: nn.Module, opt: torch.optim.Optimizer) -> bytes:
@@ -196,7 +197,7 @@ def _hygiene_run(extra: str | None, reentrant: bool | None = None) -> tuple[list
     for i in range(3):
         x, y = batch(seed=i)
         if extra == "swa" and swa is None:
-            # Deep copies are taken after the first step, once the lazy r_theta has its shape.
+            # Deep copies are taken after the first step (the reference has the same warm-up step).
             _step(model, opt, batch(seed=10))
             swa = AveragedModel(model)
         if extra == "eval":
@@ -368,12 +369,19 @@ def test_params_missing_from_inner_optimizer_are_named() -> None:
     assert not any(hasattr(m, "recm_modulation") for m in model.modules()), "a failed construction changed the model"
 
 
-def test_layer_in_two_optimizers_is_rejected() -> None:
-    """A tagged layer can belong to one RECMOptimizer only."""
+def test_second_optimizer_takes_over_with_a_warning_naming_the_old_one() -> None:
+    """A second RECMOptimizer for the same model takes over (warning names the old one); the old one is detached."""
     model = HygieneNet()
-    wrap(model, torch.optim.SGD(model.parameters(), lr=0.1))
-    with pytest.raises(ValueError, match=r"layer 'enc' is already registered"):
-        wrap(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    old = wrap(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    _step(model, old, batch(seed=0))
+    with pytest.warns(UserWarning, match=rf"RECMOptimizer\(SGD.*id {id(old):#x}.*takes over"):
+        new = wrap(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    _step(model, new, batch(seed=1))
+    assert [int(mod.t) for mod in modulations(model)] == [2, 2]  # the state went on with the model
+    with pytest.raises(RuntimeError, match="detached"):
+        old.step()
+    assert sum(isinstance(h, type(next(iter(model.enc._forward_pre_hooks.values()))))
+               for h in model.enc._forward_pre_hooks.values()) == 1
 
 
 @recm.relaxed(inputs=recm.Permutation("b set f", axis="set"), terms={"weight": "un"})
@@ -410,7 +418,8 @@ def test_input_that_does_not_match_the_representation_is_named() -> None:
 def test_permuted_axis_that_does_not_match_the_group_is_named() -> None:
     """A set axis of size 4 under S_3: the first training forward names the layer and the group."""
     model = SetLayer()
-    opt = RECMOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, group=recm.PermutationGenerators(3))
+    opt = RECMOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, group=recm.PermutationGenerators(3),
+                        example=torch.zeros(1, 3, 2))
     model(torch.randn(5, 3, 2))  # size 3 fits
     assert len(opt.layers) == 1
     with pytest.raises(ValueError, match=r"layer 'SetLayer', input 'z'.*PermutationGenerators\(3\)"):

@@ -39,7 +39,7 @@ def test_l_theta_has_zero_mean_on_closed_data(data: st.DataObject, dtype: torch.
 def test_l_theta_monte_carlo_mean_shrinks_like_inverse_sqrt_n(n_batches: int) -> None:
     """SO(3), Haar-random rotations of random vectors: |mean l_theta| <= 5 sigma / sqrt(N) at N = 64 n_batches."""
     group, rep, size = recm.SO3Generators(), recm.Vector("b c xyz"), 64
-    mod = Modulation(("weight",), state_dim=8, seed=3).double()
+    mod = Modulation(("weight",), state_dim=8, seed=3, in_features=6).double()
     g = rng(11)
     base = torch.randn(n_batches * size, 2, 3, generator=g, dtype=torch.float64)
     rotations = group.sample(len(base), g)
@@ -56,7 +56,7 @@ def test_l_theta_monte_carlo_mean_shrinks_like_inverse_sqrt_n(n_batches: int) ->
 def test_l_theta_monte_carlo_mean_does_not_shrink_on_asymmetric_data() -> None:
     """Power check for the test above: an unrotated (non-invariant) law keeps a mean many standard errors away."""
     group, rep, size, n_batches = recm.SO3Generators(), recm.Vector("b c xyz"), 64, 256
-    mod = Modulation(("weight",), state_dim=8, seed=3).double()
+    mod = Modulation(("weight",), state_dim=8, seed=3, in_features=6).double()
     z = torch.randn(n_batches * size, 2, 3, generator=rng(11), dtype=torch.float64) + torch.tensor([2.0, 0, 0],
                                                                                                    dtype=torch.float64)
     stacked = torch.cat([z[None], rep.act(group, group.generators(), z)]).flatten(2)

@@ -53,3 +53,12 @@ def train_steps(model: nn.Module, opt: recm.RECMOptimizer, steps: range) -> None
         (model(x) - y).pow(2).mean().backward()
         opt.step(target=y)
         opt.zero_grad()
+
+
+def example(model: nn.Module, n: int = 1) -> Tensor:
+    """A zero batch of model inputs ``(n, C, 3)`` for ``RECMOptimizer(example=...)``.
+
+    The first tagged layer's channel count and the model's dtype give its shape.
+    """
+    first = next(m for m in model.modules() if recm.is_relaxed(m))
+    return torch.zeros(n, first.weight.shape[1], 3, dtype=first.weight.dtype, device=first.weight.device)

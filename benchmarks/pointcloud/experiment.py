@@ -114,8 +114,9 @@ def build(method: str, channels: tuple[int, ...], total_steps: int, lr: float,
     if spec["kind"] == "rpp":
         return model, recm.ResidualPathwayPrior(inner, model, residual_prior=spec["residual_prior"],
                                                 decoupled=spec["decoupled"])
+    example = torch.randn(1, 64, 3, generator=torch.Generator().manual_seed(0))  # sizes r_theta, no global RNG
     return model, recm.RECMOptimizer(inner, model, group=group or recm.SO3Generators(), target=recm.Invariant("b"),
-                                     a=spec.get("a", 1e-3))
+                                     a=spec.get("a", 1e-3), example=example)
 
 
 def recm_alphas(opt: torch.optim.Optimizer) -> dict[str, list[float]]:

@@ -66,7 +66,8 @@ def test_relaxed_egnn_equals_plain_egnn_before_attach() -> None:
 def test_relaxed_egnn_commutes_with_rotation_at_t0() -> None:
     """Attached but before any step, h = 0 so alpha = 0 and beta = 1: still exactly equivariant."""
     model = _relaxed_model(4)
-    opt = recm.RECMOptimizer(torch.optim.Adam(model.parameters()), model, target=nbody.TARGET)
+    opt = recm.RECMOptimizer(torch.optim.Adam(model.parameters()), model, target=nbody.TARGET,
+                             example=nbody.example_graph(model))
     assert len(opt.layers) == 8  # node and coordinate update of 4 layers
     loc, vel, q = _batch(4)
     rot = _rotation(4)
