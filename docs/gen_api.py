@@ -9,9 +9,9 @@ from pathlib import Path
 import recm_opt
 
 
-def render(name: str) -> str:
+def render(name: str, module: object = recm_opt) -> str:
     """Return the markdown section of one public name: signature, kind, module, docstring."""
-    obj = getattr(recm_opt, name)
+    obj = getattr(module, name)
     if not callable(obj):
         return f"## `{name}`\n\n`{obj!r}`\n"
     try:
@@ -27,6 +27,9 @@ def main() -> str:
     """Return the whole page."""
     parts = ["# API reference\n\nGenerated from the docstrings by `python docs/gen_api.py`; do not edit by hand.\n"]
     parts += [render(n) for n in recm_opt.__all__]
+    for sub in (recm_opt.diagnostics, recm_opt.policies):
+        parts.append(f"# `{sub.__name__}`\n")
+        parts += [render(n, sub) for n in sub.__all__]
     return "\n".join(parts)
 
 

@@ -115,8 +115,7 @@ def make_layer(found: _Found, mod: Modulation) -> _Layer:
 
 
 # ------------------------------------------------------------------ widths
-def input_widths(found: list[_Found], model: nn.Module, example: Any, target_width: int,
-                 target: Representation | None) -> dict[str, int]:
+def input_widths(found: list[_Found], model: nn.Module, example: Any, target_width: int) -> dict[str, int]:
     """``r_theta``'s input width for every layer without a modulation: declared, or from ``example``.
 
     Raises:

@@ -1,6 +1,6 @@
 """The per-layer RECM state: ``h``, ``r_theta``, ``l_theta``, ``alpha``/``beta`` and ``gamma_t``.
 
-Maths (DESIGN.md section 1), for one tagged layer with state ``h in R^m``::
+Maths, for one tagged layer with state ``h in R^m``::
 
     gamma_t = a / (b + a t)                                  t = 1, 2, ...
     h_t     = (1 - gamma_t) h_{t-1} + gamma_t l_theta(z_t, y_t)

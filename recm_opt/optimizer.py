@@ -176,7 +176,7 @@ class RECMOptimizer(Optimizer):
         for layer in self._layers:
             _clear_dead_hooks(layer.module)
             attach(layer)
-            layer.mod._owner = weakref.ref(self)
+            layer.mod.__dict__["_owner"] = weakref.ref(self)
             layer.mod.prune_eps, layer.mod.train_all_live = self.prune_eps, not skip_pruned
             layer.mod.beta_fn = beta_fn
             if self.captures_inputs:
@@ -199,8 +199,7 @@ class RECMOptimizer(Optimizer):
     # --------------------------------------------------------------- set-up
     def _plan(self, found: list[_Found], model: nn.Module, example: Any, **kw: Any) -> list[Modulation]:
         """One modulation per layer: the one it carries (checked), or a new one. Changes nothing."""
-        widths = (input_widths(found, model, example, self._book.target_width(), self._book.target)
-                  if self.captures_inputs else {})
+        widths = input_widths(found, model, example, self._book.target_width()) if self.captures_inputs else {}
         mods = []
         for i, f in enumerate(found):
             mod = f.existing
@@ -215,7 +214,7 @@ class RECMOptimizer(Optimizer):
 
     def _check_existing(self, f: _Found, mod: Modulation, state_dim: int, hidden: int) -> None:
         config = mod.config()
-        wanted = {"kind": self.modulation_kind, "terms": list(f.tag.term_names)}
+        wanted: dict[str, Any] = {"kind": self.modulation_kind, "terms": list(f.tag.term_names)}
         if self.modulation_kind == Modulation.kind:
             wanted.update(state_dim=state_dim, hidden=hidden)
             declared = [rep.feature_width() for rep in f.tag.inputs.values()]
@@ -561,8 +560,9 @@ class RECMOptimizer(Optimizer):
             for handle in layer.handles:
                 handle.remove()
             layer.handles = []
-            if layer.mod.__dict__.get("_owner") is not None and layer.mod._owner() is self:
-                del layer.mod._owner
+            owner = layer.mod.__dict__.get("_owner")
+            if owner is not None and owner() is self:
+                del layer.mod.__dict__["_owner"]
             if not keep_state and layer.module._modules.get(_MODULATION) is layer.mod:
                 del layer.module._modules[_MODULATION]
         if not keep_state:

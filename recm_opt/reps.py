@@ -7,7 +7,7 @@ where ``D(g)`` is an orthogonal matrix. Every other feature axis is left alone.
 Each representation is declared with an einops-style axis pattern, e.g.
 ``Vector("b c xyz n", units="b n")`` for Vector-Neuron features ``(B, C, 3, N)``
 with one *unit* per point. Unit axes index the samples that ``l_theta`` averages
-over (DESIGN.md 1.2); the remaining axes are the unit's features. Composite
+over; the remaining axes are the unit's features. Composite
 axes such as ``"b (c xyz)"`` declare packed vectors, and ``...`` stands for any
 number of feature axes.
 """

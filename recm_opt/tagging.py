@@ -133,25 +133,27 @@ def relaxed(target: M | None = None, *, inputs: Any, terms: Any = ("weight",)) -
         if not callable(getattr(target, method, None)):
             raise TypeError(f"{target!r} must define {method}(...) to be tagged as relaxed")
     tag = Relaxation(_normalise_inputs(target, inputs), _normalise_terms(terms))
+    obj = cast(Any, target)
     if is_class:
-        setattr(target, _TAG, tag)
-        target.forward = _relaxed_forward  # type: ignore[method-assign]
-        if not getattr(target, "_recm_loads_modulation", False):
-            target._recm_loads_modulation = True  # type: ignore[attr-defined]
-            original = target._load_from_state_dict
+        setattr(obj, _TAG, tag)
+        obj.forward = _relaxed_forward
+        if not getattr(obj, "_recm_loads_modulation", False):
+            # Loading a checkpoint with RECM state into a fresh layer first creates its modulation.
+            obj._recm_loads_modulation = True
+            original = obj._load_from_state_dict
 
             def _load_from_state_dict(self: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
                 _modulation_from_checkpoint(self, state_dict, prefix)
                 original(self, state_dict, prefix, *args)
 
-            target._load_from_state_dict = _load_from_state_dict  # type: ignore[method-assign]
+            obj._load_from_state_dict = _load_from_state_dict
     else:
-        object.__setattr__(target, _TAG, tag)
+        object.__setattr__(obj, _TAG, tag)
         # partial, not a bound method: deep copies and pickles of the instance keep working
-        object.__setattr__(target, "forward", functools.partial(_relaxed_forward, target))
-        if not target.__dict__.get("_recm_loads_modulation", False):
-            object.__setattr__(target, "_recm_loads_modulation", True)
-            target.register_load_state_dict_pre_hook(_modulation_from_checkpoint_hook)
+        object.__setattr__(obj, "forward", functools.partial(_relaxed_forward, obj))
+        if not obj.__dict__.get("_recm_loads_modulation", False):
+            object.__setattr__(obj, "_recm_loads_modulation", True)
+            obj.register_load_state_dict_pre_hook(_modulation_from_checkpoint_hook)
     return target
 
 

@@ -1,4 +1,4 @@
-"""Gradient accumulation: k micro-batches give the step of their union (issue 4, compatibility 6).
+"""Gradient accumulation: k micro-batches give the step of their union.
 
 What is averaged, and how (see ``recm_opt.optimizer``'s module docstring): every
 training forward between two steps is captured; at ``step()`` each layer's

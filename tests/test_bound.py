@@ -1,4 +1,4 @@
-"""DESIGN.md 1.1 law 4 (Theorem 4.2): |E_p[l_theta]| <= 2 B W1(p, p_G), and |alpha*| <= 2 sqrt(m) B W1.
+"""Law 4 (Theorem 4.2): |E_p[l_theta]| <= 2 B W1(p, p_G), and |alpha*| <= 2 sqrt(m) B W1.
 
 B is the library's certified Lipschitz bound (``recm.lipschitz_bound``); W1 between
 empirical measures is exact (``recm.symmetry_gap``: optimal assignment), and is

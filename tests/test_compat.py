@@ -1,4 +1,4 @@
-"""RECMOptimizer behaves like a native torch optimizer (issue 4, compatibility 1-5).
+"""RECMOptimizer behaves like a native torch optimizer.
 
 Each test trains a tiny noise-free vector model for a few steps; nothing here
 depends on the RECM maths, only on how the wrapper plugs into torch's optimizer

@@ -1,4 +1,4 @@
-"""torch.compile: tagged layers train, names are stable, no recompiles per step (issue 4, compatibility 7).
+"""torch.compile: tagged layers train, names are stable, no recompiles per step.
 
 The CPU tests use the ``aot_eager`` backend: it runs Dynamo's tracing, guards and
 AOTAutograd exactly as the default backend does, without paying for C++ code

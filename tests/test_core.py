@@ -330,3 +330,13 @@ def test_api_reference_is_up_to_date():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert (ROOT / "docs" / "api.md").read_text() == module.main(), "run: python docs/gen_api.py"
+
+
+def test_public_surface_is_small():
+    """recm_opt.__all__ is sorted and about 18 names; RECMOptimizer adds about ten public methods of its own."""
+    assert recm.__all__ == sorted(recm.__all__, key=str.lower) or recm.__all__ == sorted(recm.__all__)
+    assert len(recm.__all__) <= 18 and all(hasattr(recm, n) for n in recm.__all__)
+    own = [n for n in vars(recm.RECMOptimizer) if not n.startswith("_") and n not in ("captures_inputs",
+                                                                                    "modulation_kind")]
+    assert sorted(own) == ["add_param_group", "detach", "eval", "layers", "load_state_dict", "observe", "pair",
+                           "report", "state_dict", "step", "train", "zero_grad"]

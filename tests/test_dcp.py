@@ -1,4 +1,4 @@
-"""Distributed checkpointing round-trips the RECM state (issue 4, compatibility 9).
+"""Distributed checkpointing round-trips the RECM state.
 
 ``torch.distributed.checkpoint.state_dict`` keys the optimizer state by parameter
 FQN and keeps only ``{state, param_groups}``; RECM's state rides in the state entry

@@ -1,4 +1,4 @@
-"""DDP: two gloo ranks on CPU agree exactly and match one process on the whole batch (issue 4, compatibility 8).
+"""DDP: two gloo ranks on CPU agree exactly and match one process on the whole batch.
 
 The test starts its own two processes (``torch.multiprocessing.spawn``). DDP averages
 the model's gradients; RECMOptimizer averages, with the same collective API,

@@ -1,4 +1,4 @@
-"""e3nn irreps inputs: a layer on ``8x0e+4x1o`` trains and is symmetrised by ``D_from_matrix`` (issue 4, item 11).
+"""e3nn irreps inputs: a layer on ``8x0e+4x1o`` trains and is symmetrised by ``D_from_matrix``.
 
 The optimizer's symmetrisation is checked where it happens: the stacked sample
 behind h's newest term holds the captured input and, for every generator g of

@@ -1,4 +1,4 @@
-"""DESIGN.md 1.1 law 5 (Theorem 4.2 second part, Lemma 4.3): l_theta can see asymmetry, and only asymmetry."""
+"""Law 5 (Theorem 4.2 second part, Lemma 4.3): l_theta can see asymmetry, and only asymmetry."""
 
 from __future__ import annotations
 

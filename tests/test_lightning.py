@@ -1,4 +1,4 @@
-"""PyTorch Lightning: a RECMOptimizer from configure_optimizers trains under Trainer (issue 4, compatibility 10).
+"""PyTorch Lightning: a RECMOptimizer from configure_optimizers trains under Trainer.
 
 Lightning calls ``optimizer.step(closure)`` itself, and its closure runs
 ``training_step``, then ``zero_grad``, then ``backward``. The target therefore

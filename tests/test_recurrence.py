@@ -1,4 +1,4 @@
-"""DESIGN.md 1.1 laws 1 and 2: the closed form of the h recurrence, and its convergence (Lemma 4.1)."""
+"""Law 1 and 2: the closed form of the h recurrence, and its convergence (Lemma 4.1)."""
 
 from __future__ import annotations
 

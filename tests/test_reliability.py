@@ -1,4 +1,4 @@
-"""RECMOptimizer never corrupts state (issue 4, reliability 1-5).
+"""RECMOptimizer never corrupts state.
 
 Resume is bit-exact and checkpoints are ``weights_only``-loadable; bf16 autocast
 trains; eval forwards, ``AveragedModel`` copies, ``update_bn`` and activation

@@ -1,4 +1,4 @@
-"""DESIGN.md 1.1 law 3 (Theorem 4.2, first part): on symmetric data the mean of l_theta is zero."""
+"""Law 3 (Theorem 4.2, first part): on symmetric data the mean of l_theta is zero."""
 
 from __future__ import annotations
 
