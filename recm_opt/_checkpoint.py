@@ -11,7 +11,8 @@ expects) and names its layer, so that entries are matched by name, never by posi
 Loading checks the whole checkpoint first (names, shapes, dtypes, finite values,
 ``t >= 0``) and changes nothing when a check fails. A checkpoint from recm_opt 0.1
 (``recm_h``, ``recm_t``, ``recm_gamma`` in the optimizer, matched by position) is
-converted: its values move into the model.
+converted: its values move into the model. :func:`check_model` runs as a pre-hook of the
+model's own ``load_state_dict`` and checks every modulation's entries before any tensor loads.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ from itertools import chain
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ._layers import _Layer
 from .modulation import Modulation, check_state
+from .tagging import _MODULATION
 
 _LEGACY = ("recm_h", "recm_t", "recm_gamma")
 
@@ -178,3 +180,29 @@ def _has_precomputed(mod: Modulation) -> bool:
         return False
     with torch.enable_grad():
         return pre.get(mod) is not None
+
+
+def check_model(model: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+    """Check every modulation's entries of a model checkpoint before anything of it loads.
+
+    Registered on the model by the optimizer: names, shapes and dtypes of the tensors,
+    finite ``h``, ``t >= 0``. Loading is all or nothing for the RECM state.
+
+    Raises:
+        ValueError: naming the key.
+    """
+    for name, module in model.named_modules():
+        mod = module._modules.get(_MODULATION)
+        if not isinstance(mod, Modulation):
+            continue
+        p = f"{prefix}{name + '.' if name else ''}{_MODULATION}."
+        for key, have in mod.state_dict().items():
+            value = state_dict.get(p + key)
+            if value is None or not isinstance(have, Tensor) or key == "_extra_state":
+                continue
+            if not isinstance(value, Tensor):
+                raise ValueError(f"{p}{key}: expected a tensor, got {type(value).__name__}")
+            if value.shape != have.shape or value.is_floating_point() != have.is_floating_point():
+                raise ValueError(f"{p}{key}: expected {have.dtype} of shape {tuple(have.shape)}, got "
+                                 f"{value.dtype} of shape {tuple(value.shape)}")
+        check_state(state_dict, p, mod.h.numel())

@@ -7,7 +7,9 @@ changes anything. ``r_theta``'s input width is the number of per-unit features o
 the layer's inputs plus the target's; it comes from the representations' declared
 sizes or from one forward of an explicit example batch. A layer that already
 carries a modulation (loaded with the model, or left by an earlier optimizer) keeps
-it, with its state. :class:`_Layer` is the optimizer's record of one tagged layer.
+it, with its state. :class:`_Layer` is the optimizer's record of one tagged layer. The
+modulation parameters join the inner optimizer as one param group (:func:`recm_group`,
+:func:`move_out`; LBFGS, which has a single group, takes them into it).
 """
 
 from __future__ import annotations
@@ -213,3 +215,47 @@ def to_layer_device(mod: Modulation, module: nn.Module) -> Modulation:
     if ref is not None:
         mod.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
     return mod
+
+
+def recm_group(inner: Optimizer, mods: list[Modulation], options: dict[str, Any]) -> dict[str, Any] | None:
+    """The param group of the modulations, or ``None`` (no layers, or the inner optimizer has it already)."""
+    params = list(dict.fromkeys(p for mod in mods for p in mod.parameters()))  # shared modulations once
+    if not params:
+        return None
+    ids = {id(p) for p in params}
+    recm = [g for g in inner.param_groups if g.get("recm")]
+    if len(recm) == 1 and {id(p) for p in recm[0]["params"]} == ids:
+        return None  # the same inner optimizer wrapped again: its RECM group already holds them
+    if single_group(inner) and ids <= {id(p) for p in inner.param_groups[0]["params"]}:
+        return None
+    return {"params": params, **options}
+
+
+def move_out(inner: Optimizer, group: dict[str, Any]) -> None:
+    """Take the modulation parameters out of the inner groups that hold them.
+
+    A model that carries its modulations (loaded from a checkpoint, or left by an
+    earlier optimizer) hands them to ``torch.optim.AdamW(model.parameters())`` like any
+    other parameter; they belong in the RECM group (no weight decay by default). Their
+    inner state, keyed by parameter, stays.
+    """
+    ids = {id(p) for p in group["params"]}
+    for g in inner.param_groups:
+        g["params"][:] = [p for p in g["params"] if id(p) not in ids]  # in place: LBFGS caches the list
+    inner.param_groups[:] = [g for g in inner.param_groups if g["params"]]
+
+
+def single_group(inner: Optimizer) -> bool:
+    """Whether the inner optimizer supports a single param group only (LBFGS)."""
+    return isinstance(inner, torch.optim.LBFGS)
+
+
+def clear_dead_hooks(module: nn.Module) -> None:
+    """Remove capture hooks of optimizers that no longer exist (re-created optimizers, loaded copies)."""
+    from ._capture import _Hook
+
+    for hooks in (module._forward_pre_hooks, module._forward_hooks):
+        for key in [k for k, h in hooks.items() if isinstance(h, _Hook) and (h.book is None or h.book() is None)]:
+            del hooks[key]
+            module._forward_pre_hooks_with_kwargs.pop(key, None)
+            module._forward_hooks_with_kwargs.pop(key, None)

@@ -11,11 +11,16 @@ the per-layer reference path (:func:`l_mean`, ``Modulation.commit``,
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from . import modulation
-from ._device import _to_device
+from ._device import _host_flags, _isfinite_each, _nonfinite_probes, _to_device
+from ._distributed import all_reduce_mean
 from ._layers import _Layer
 from .modulation import _foreach_commit, _stacked_alpha, _stacked_r_theta, is_standard
 
@@ -170,3 +175,60 @@ def rebuild_precomputed(layers: list[_Layer]) -> None:
             for layer, sample in zip(group, x.unbind()):
                 layer.mod.newest = sample
             modulation._stacked_coefficients([layer.mod for layer in group], r)
+
+
+def finite_samples(layers: list[_Layer], captures: dict[_Layer, list[Any]]) -> list[tuple[_Layer, Samples]]:
+    """The captures' samples by layer, in layer order; a sample with NaN/Inf is counted and left out."""
+    flat = [(layer, c) for layer in layers for c in captures.get(layer, [])]
+    if not flat:
+        return []
+    # One host sync for every sample, not one per layer: a NaN/Inf batch never reaches h.
+    finite = _host_flags([_isfinite_each(_nonfinite_probes([c.sample for _, c in flat]))])
+    out: dict[_Layer, Samples] = {}
+    for (layer, c), ok in zip(flat, finite):
+        if ok:
+            out.setdefault(layer, []).append((c.sample, c.units))
+        else:
+            layer.skipped += 1
+    return list(out.items())
+
+
+def update_states(layers: list[_Layer], items: list[tuple[_Layer, Samples]], *, a: float, b: float,
+                  prune_eps: float, max_units: int, rng: torch.Generator, any_grad: Callable[[], bool]) -> None:
+    """One step's h update of every layer, from ``items`` (``(layer, samples)`` in layer order).
+
+    ``l_theta`` per layer (batched where possible), averaged over DDP ranks, committed into
+    ``h`` (a non-finite ``l`` leaves ``h`` unchanged and is counted), the newest sample kept
+    for the next forward, and the kept/pruned flags refreshed; one host sync in all.
+    """
+    have = {layer for layer, _ in items}
+    for layer in layers:
+        if layer not in have and not layer.warned and (items or any_grad()):
+            warnings.warn(f"layer {layer.name!r} did not run in training mode since the last step; "
+                          "its h is unchanged", stacklevel=4)
+            layer.warned = True
+    ls, stacked = l_means(items)
+    index = {layer: i for i, layer in enumerate(layers)}
+    full: list[Tensor | None] = [None] * len(layers)
+    for (layer, _), l in zip(items, ls):
+        full[index[layer]] = l
+    full = all_reduce_mean(full)  # DDP: the same l on every rank
+    pending = [(layer, l) for layer, l in zip(layers, full) if l is not None]
+    committed = commit(pending, a, b)  # decided on the device: a non-finite l leaves h unchanged
+    flags = _host_flags(committed + live_flags(layers, prune_eps))  # one host sync for the whole update
+    ok = {layer: f for (layer, _), f in zip(pending, flags)}
+    done = set()
+    for group, x, r in stacked:  # newest = this step's sample, already stacked and passed through r_theta
+        if r.requires_grad and all(ok.get(layer) for layer in group) \
+                and all(layer.mod.beta_fn is group[0].mod.beta_fn for layer in group):
+            for layer, sample in zip(group, x.unbind()):
+                layer.mod.newest = sample
+                done.add(layer)
+            modulation._stacked_coefficients([layer.mod for layer in group], r)
+    samples = dict(items)
+    for (layer, _), f in zip(pending, flags):
+        if not f:
+            layer.skipped += 1
+        elif layer in samples and layer not in done:
+            layer.mod.newest = newest(layer, samples[layer], max_units, rng)
+    apply_live(layers, flags[len(pending):])

@@ -42,11 +42,24 @@ from torch.optim import optimizer as _torch_optimizer
 
 from . import _checkpoint, _update
 from ._capture import CaptureBook, Undeclared, _all_units, _unravel  # noqa: F401  (_all_units, _unravel: tests)
-from ._device import _host_flags, _isfinite_each, _nonfinite_probes
-from ._distributed import all_reduce_mean, sync_grads
-from ._layers import _Found, _Layer, attach, find_layers, input_widths, layer_name, make_layer, to_layer_device
+from ._device import _host_flags
+from ._distributed import sync_grads
+from ._layers import (
+    _Found,
+    _Layer,
+    attach,
+    clear_dead_hooks,
+    find_layers,
+    input_widths,
+    layer_name,
+    make_layer,
+    move_out,
+    recm_group,
+    single_group,
+    to_layer_device,
+)
 from .groups import Group, SO3Generators
-from .modulation import Modulation, _foreach_project_norm_, _stacked_coefficients, check_state, one_plus_tanh
+from .modulation import Modulation, _foreach_project_norm_, one_plus_tanh
 from .reps import Representation, Vector
 from .tagging import _MODULATION
 
@@ -161,7 +174,7 @@ class RECMOptimizer(Optimizer):
         mods = self._plan(found, model, example, state_dim=state_dim, hidden=hidden, seed=seed, beta_fn=beta_fn)
         owners = self._owners(found)
         extra = {"lr": lr} if lr is not None else {}
-        new_group = _recm_group(optimizer, mods, {"weight_decay": weight_decay, "recm": True, **extra})
+        new_group = recm_group(optimizer, mods, {"weight_decay": weight_decay, "recm": True, **extra})
         super().__init__(optimizer.param_groups, optimizer.defaults)
         # Share, don't copy: schedulers and add_param_group must see the inner groups.
         self.param_groups = optimizer.param_groups
@@ -174,19 +187,19 @@ class RECMOptimizer(Optimizer):
             owner.detach()
         self._layers = [make_layer(f, mod) for f, mod in zip(found, mods)]
         for layer in self._layers:
-            _clear_dead_hooks(layer.module)
+            clear_dead_hooks(layer.module)
             attach(layer)
             layer.mod.__dict__["_owner"] = weakref.ref(self)
             layer.mod.prune_eps, layer.mod.train_all_live = self.prune_eps, not skip_pruned
             layer.mod.beta_fn = beta_fn
             if self.captures_inputs:
                 layer.handles = self._book.hooks(layer)
-        if self._layers and not any(getattr(h, "__wrapped__", None) is _check_checkpoint
+        if self._layers and not any(getattr(h, "__wrapped__", None) is _checkpoint.check_model
                                     for h in model._load_state_dict_pre_hooks.values()):
-            model.register_load_state_dict_pre_hook(_check_checkpoint)
+            model.register_load_state_dict_pre_hook(_checkpoint.check_model)
         if new_group is not None:
-            _move_out(optimizer, new_group)
-            if _single_group(optimizer):  # LBFGS: one group only, its parameter list cached by reference
+            move_out(optimizer, new_group)
+            if single_group(optimizer):  # LBFGS: one group only, its parameter list cached by reference
                 optimizer.param_groups[0]["params"].extend(new_group["params"])
             else:
                 optimizer.add_param_group(new_group)
@@ -369,57 +382,16 @@ class RECMOptimizer(Optimizer):
         _foreach_project_norm_(list(terms.values()), self.weight_radius)
 
     def _update_states(self, items: list[tuple[_Layer, _update.Samples]]) -> None:
-        """The h update from the step's paired, backed, finite samples (see :mod:`recm_opt._update`).
+        """The h update from the step's paired, backed, finite samples (see :func:`recm_opt._update.update_states`).
 
         Args:
             items: ``(layer, [(sample, units), ...])`` in layer order, layers without samples left out.
         """
-        have = {layer for layer, _ in items}
-        for layer in self._layers:
-            if layer not in have and not layer.warned and (items or self._grad_flags()[1]):
-                warnings.warn(f"layer {layer.name!r} did not run in training mode since the last step; "
-                              "its h is unchanged", stacklevel=3)
-                layer.warned = True
-        ls, stacked = _update.l_means(items)
-        index = {layer: i for i, layer in enumerate(self._layers)}
-        full: list[Tensor | None] = [None] * len(self._layers)
-        for (layer, _), l in zip(items, ls):
-            full[index[layer]] = l
-        full = all_reduce_mean(full)  # DDP: the same l on every rank
-        pending = [(layer, l) for layer, l in zip(self._layers, full) if l is not None]
-        committed = _update.commit(pending, self.a, self.b)  # decided on the device: non-finite l leaves h
-        flags = _host_flags(committed + _update.live_flags(self._layers, self.prune_eps))  # one host sync
-        ok = {layer: f for (layer, _), f in zip(pending, flags)}
-        done = set()
-        for layers, x, r in stacked:  # newest = this step's sample, already stacked and passed through r_theta
-            if r.requires_grad and all(ok.get(layer) for layer in layers) \
-                    and all(layer.mod.beta_fn is layers[0].mod.beta_fn for layer in layers):
-                for layer, sample in zip(layers, x.unbind()):
-                    layer.mod.newest = sample
-                    done.add(layer)
-                _stacked_coefficients([layer.mod for layer in layers], r)
-        samples = dict(items)
-        for (layer, _), f in zip(pending, flags):
-            if not f:
-                layer.skipped += 1
-            elif layer in samples and layer not in done:
-                layer.mod.newest = _update.newest(layer, samples[layer], self.max_units, self._book.rng)
-        _update.apply_live(self._layers, flags[len(pending):])
+        _update.update_states(self._layers, items, a=self.a, b=self.b, prune_eps=self.prune_eps,
+                              max_units=self.max_units, rng=self._book.rng, any_grad=lambda: self._grad_flags()[1])
 
     def _finite(self, captures: dict[_Layer, list[Any]]) -> list[tuple[_Layer, _update.Samples]]:
-        """The captures' samples by layer, in layer order; a sample with NaN/Inf is counted and left out."""
-        flat = [(layer, c) for layer in self._layers for c in captures.get(layer, [])]
-        if not flat:
-            return []
-        # One host sync for every sample, not one per layer: a NaN/Inf batch never reaches h.
-        finite = _host_flags([_isfinite_each(_nonfinite_probes([c.sample for _, c in flat]))])
-        out: dict[_Layer, _update.Samples] = {}
-        for (layer, c), ok in zip(flat, finite):
-            if ok:
-                out.setdefault(layer, []).append((c.sample, c.units))
-            else:
-                layer.skipped += 1
-        return list(out.items())
+        return _update.finite_samples(self._layers, captures)
 
     def _refresh_live(self) -> None:
         if self._layers:
@@ -604,80 +576,10 @@ class RECMOptimizer(Optimizer):
         return f"{type(self).__name__}({type(self.inner).__name__}, layers={len(self._layers)}, group={self.group!r})"
 
 
-def _recm_group(inner: Optimizer, mods: list[Modulation], options: dict[str, Any]) -> dict[str, Any] | None:
-    """The param group of the modulations, or ``None`` (no layers, or the inner optimizer has it already)."""
-    params = list(dict.fromkeys(p for mod in mods for p in mod.parameters()))  # shared modulations once
-    if not params:
-        return None
-    ids = {id(p) for p in params}
-    recm = [g for g in inner.param_groups if g.get("recm")]
-    if len(recm) == 1 and {id(p) for p in recm[0]["params"]} == ids:
-        return None  # the same inner optimizer wrapped again: its RECM group already holds them
-    if _single_group(inner) and ids <= {id(p) for p in inner.param_groups[0]["params"]}:
-        return None
-    return {"params": params, **options}
-
-
-def _move_out(inner: Optimizer, group: dict[str, Any]) -> None:
-    """Take the modulation parameters out of the inner groups that hold them.
-
-    A model that carries its modulations (loaded from a checkpoint, or left by an
-    earlier optimizer) hands them to ``torch.optim.AdamW(model.parameters())`` like any
-    other parameter; they belong in the RECM group (no weight decay by default). Their
-    inner state, keyed by parameter, stays.
-    """
-    ids = {id(p) for p in group["params"]}
-    for g in inner.param_groups:
-        g["params"][:] = [p for p in g["params"] if id(p) not in ids]  # in place: LBFGS caches the list
-    inner.param_groups[:] = [g for g in inner.param_groups if g["params"]]
-
-
-def _single_group(inner: Optimizer) -> bool:
-    """Whether the inner optimizer supports a single param group only (LBFGS)."""
-    return isinstance(inner, torch.optim.LBFGS)
-
-
 def _needs_closure(inner: Optimizer) -> bool:
     """Whether the inner optimizer's ``step`` requires a closure (LBFGS evaluates it itself)."""
     param = inspect.signature(type(inner).step).parameters.get("closure")
     return param is not None and param.default is inspect.Parameter.empty
-
-
-def _check_checkpoint(model: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
-    """Check every modulation's entries of a model checkpoint before anything of it loads.
-
-    Registered on the model by the optimizer: names, shapes and dtypes of the tensors,
-    finite ``h``, ``t >= 0``. Loading is all or nothing for the RECM state.
-
-    Raises:
-        ValueError: naming the key.
-    """
-    for name, module in model.named_modules():
-        mod = module._modules.get(_MODULATION)
-        if not isinstance(mod, Modulation):
-            continue
-        p = f"{prefix}{name + '.' if name else ''}{_MODULATION}."
-        for key, have in mod.state_dict().items():
-            value = state_dict.get(p + key)
-            if value is None or not isinstance(have, Tensor) or key == "_extra_state":
-                continue
-            if not isinstance(value, Tensor):
-                raise ValueError(f"{p}{key}: expected a tensor, got {type(value).__name__}")
-            if value.shape != have.shape or value.is_floating_point() != have.is_floating_point():
-                raise ValueError(f"{p}{key}: expected {have.dtype} of shape {tuple(have.shape)}, got "
-                                 f"{value.dtype} of shape {tuple(value.shape)}")
-        check_state(state_dict, p, mod.h.numel())
-
-
-def _clear_dead_hooks(module: nn.Module) -> None:
-    """Remove capture hooks of optimizers that no longer exist (re-created optimizers, loaded copies)."""
-    from ._capture import _Hook
-
-    for hooks in (module._forward_pre_hooks, module._forward_hooks):
-        for key in [k for k, h in hooks.items() if isinstance(h, _Hook) and (h.book is None or h.book() is None)]:
-            del hooks[key]
-            module._forward_pre_hooks_with_kwargs.pop(key, None)
-            module._forward_hooks_with_kwargs.pop(key, None)
 
 
 def _validate(**kw: Any) -> None:

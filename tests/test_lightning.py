@@ -101,3 +101,15 @@ def test_lightning_resume_from_checkpoint_continues_h(tmp_path) -> None:
     assert int(resumed.enc.recm_modulation.t) == STEPS
     opt = resumed.trainer.optimizers[0]
     assert [len(g["params"]) for g in opt.param_groups] == [4, 12]  # the layers' own, then RECM's
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:.*(num_workers|does not have many workers).*")
+def test_second_fit_takes_over_from_the_first_optimizer() -> None:
+    """A second trainer.fit on the same module builds a new optimizer, which takes over and continues h."""
+    model = LitVectors()
+    for expected in (STEPS, 2 * STEPS):
+        trainer = pl.Trainer(max_steps=STEPS, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+        trainer.fit(model, loader())
+        assert int(model.enc.recm_modulation.t) == expected
