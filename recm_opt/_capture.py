@@ -427,6 +427,7 @@ class CaptureBook:
                 used.setdefault(c.layer, []).append(c)
             else:
                 c.layer.dropped += 1
+                c.layer.ran_unbacked = True
         self.clear()
         return used
 

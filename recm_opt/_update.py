@@ -204,9 +204,11 @@ def update_states(layers: list[_Layer], items: list[tuple[_Layer, Samples]], *, 
     have = {layer for layer, _ in items}
     for layer in layers:
         if layer not in have and not layer.warned and (items or any_grad()):
-            warnings.warn(f"layer {layer.name!r} did not run in training mode since the last step; "
-                          "its h is unchanged", stacklevel=4)
+            why = ("ran in training mode, but no backward went through it since the last step (does its output "
+                   "reach the loss?)" if layer.ran_unbacked else "did not run in training mode since the last step")
+            warnings.warn(f"layer {layer.name!r} {why}; its h is unchanged", stacklevel=4)
             layer.warned = True
+        layer.ran_unbacked = False
     ls, stacked = l_means(items)
     index = {layer: i for i, layer in enumerate(layers)}
     full: list[Tensor | None] = [None] * len(layers)
