@@ -7,24 +7,34 @@ inputs are 4 isotropic Gaussian 3-vectors, targets are the SO(3)-equivariant
 the joint law of (x, y) is exactly rotation invariant.
 
 For each ``eps`` the three-layer ``VectorNet`` is trained with ``RECMOptimizer`` and its
-defaults (a = 1e-3, m = 16; Adam lr 1e-3, batch 64, fresh samples every step, as in
-``examples/demo.py``). Recorded per layer ``l``:
+defaults (a = 1e-3, m = 16; Adam lr 1e-3, batch 64, fresh samples every step). Recorded
+per layer ``l``, with ``z_l`` the layer's input in a training-mode forward (every term
+live, as the optimizer sees it) on held-out inputs:
 
 - the final ``|alpha|`` of each term (committed state) and its maximum over terms;
 - ``B_l``: the Lipschitz bound of ``r_theta`` (``recm.lipschitz_bound``);
-- ``W1_l``: the library's symmetry-gap estimate ``recm.symmetry_gap((z_l, y), SO3, reps)``
-  on a held-out sample of the layer's input ``z_l`` and the target, against its average
-  over Haar-sampled rotations (``W1(p, p_G)``, plug-in);
-- the bound ``2 sqrt(m) B_l W1_l`` (``recm.diagnostics.alpha_bound``).
+- ``C_l``: the coupling estimate ``recm.coupling_gap`` of ``W1(p, p_G)`` for ``p`` the law
+  of ``(z_l, y)``: a certified upper bound, since the input law is rotation invariant
+  and ``z_l``, ``y`` are functions of the input (the noise term is drawn identically
+  for ``x`` and ``g^-1 x``, which is still a coupling). Exactly 0 when the data and the
+  layers below are symmetric;
+- ``W1_l``: the plug-in estimate ``recm.symmetry_gap((z_l, y), SO3, reps)`` against
+  Haar-sampled rotations, kept for comparison: on a finite sample it stays far from 0
+  even at eps = 0, so a bound built on it cannot fail (a vacuous check);
+- the bounds ``2 sqrt(m) B_l C_l`` (certified) and ``2 sqrt(m) B_l W1_l`` (plug-in).
 
-The bound is Theorem 4.2's statement for the fixed point ``h* = E_p[l_theta]`` at the
-final ``theta``; the committed ``h_t`` averages ``l`` over earlier thetas, so the check
-compares the final ``|alpha|`` with the bound of the final ``r_theta``.
+Theorem 4.2 bounds ``|alpha*|`` at the fixed point ``h* = E_p[l_theta]`` of the final
+``theta``; the committed ``h_t`` averages ``l`` over earlier thetas and finite samples, so a
+finite-time ``|alpha|`` above the certified bound measures how far the run is from the
+fixed point (at eps = 0, layer 0: the sampling noise of ``h_t``).
+
+A second experiment (``convergence``) shows the two estimators on the data alone (layer
+0: ``z = x``) as the sample size n grows.
 
 Usage::
 
-    python benchmarks/symmetry_gap.py --quick
-    python benchmarks/symmetry_gap.py --json            # writes docs/results/symmetry_gap.{json,png}
+    python -m benchmarks.symmetry_gap --quick
+    python -m benchmarks.symmetry_gap --json docs/results/symmetry_gap.json   # and symmetry_gap.png
 """
 
 from __future__ import annotations
@@ -40,13 +50,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
+from examples.vector_model import VectorNet, make_task
 
-from vector_model import VectorNet, make_task  # noqa: E402
+import recm_opt as recm
+from recm_opt.diagnostics import alpha_bound
 
-import recm_opt as recm  # noqa: E402
-from recm_opt.diagnostics import alpha_bound  # noqa: E402
+from ..pointcloud.experiment import git_commit
+
+ROOT = Path(__file__).resolve().parents[2]
 
 TERMS = ("weight", "bias", "noise")
 EPS = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
@@ -67,42 +78,88 @@ def train(eps: float, steps: int, batch: int, seed: int) -> tuple[VectorNet, rec
     return model, opt
 
 
+def target(x: Tensor, eps: float) -> Tensor:
+    """The task's target as a function of its input (the formula of ``make_task``)."""
+    y = (x.norm(dim=-1, keepdim=True) * x).sum(1) / x.shape[1]
+    if eps:
+        axis = torch.tensor([1.0, 0.0, 0.0], dtype=x.dtype)
+        y = y + eps * ((x[:, 0] @ axis)[:, None] * axis + torch.tensor([0.0, 0.5, 0.0], dtype=x.dtype))
+    return y
+
+
 @torch.no_grad()
-def layer_inputs(model: VectorNet, x: Tensor) -> list[Tensor]:
-    """The input ``z_l`` of every tagged layer on ``x`` (eval mode: nothing is captured)."""
-    model.eval()
+def layer_inputs(model: VectorNet, x: Tensor, noise_seed: int = 0) -> list[Tensor]:
+    """The input ``z_l`` of every tagged layer on ``x`` in a training-mode forward (no grad: nothing captured).
+
+    The noise terms draw from a fixed seed, so two calls on inputs of the same shape draw the same noise.
+    """
+    model.train()
     seen: list[Tensor] = []
     hooks = [layer.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
              for layer in model.layers]
-    model(x)
-    for h in hooks:
-        h.remove()
-    model.train()
+    state = torch.random.get_rng_state()
+    torch.manual_seed(noise_seed)
+    try:
+        model(x)
+    finally:
+        torch.random.set_rng_state(state)
+        for h in hooks:
+            h.remove()
     return seen
+
+
+ZREP, YREP = recm.Vector("b c xyz"), recm.Vector("b xyz")
 
 
 def measure(model: VectorNet, opt: recm.RECMOptimizer, eps: float, n_eval: int, n_elements: int,
             max_points: int, seed: int) -> dict[str, Any]:
-    """Final |alpha|, B, W1 and the bound per layer."""
+    """Final |alpha|, B, the coupling and plug-in gaps and both bounds, per layer."""
     x, y = make_task(n_eval, eps, seed=10_000 + seed)
+    assert torch.allclose(target(x, eps), y), "target() must be make_task's formula"
     group, m = recm.SO3Generators(), model.layers[0].recm_modulation.h.numel()
     rows = {r["name"]: r for r in opt.report()}
-    out: dict[str, list] = {k: [] for k in ("names", "alpha_terms", "alpha", "lipschitz", "w1", "bound",
-                                             "w1_newest_generators", "bound_newest_generators")}
-    for name, layer, z in zip(opt.layers, model.layers, layer_inputs(model, x)):
+    keys = ("names", "alpha_terms", "alpha", "lipschitz", "coupling", "bound_coupling", "w1", "bound")
+    out: dict[str, list] = {k: [] for k in keys}
+    for l, (name, layer, z) in enumerate(zip(opt.layers, model.layers, layer_inputs(model, x))):
         row = rows[name]
         B = recm.lipschitz_bound(layer)
-        gen = torch.Generator().manual_seed(seed)
-        w1 = recm.symmetry_gap((z, y), group, (recm.Vector("b c xyz"), recm.Vector("b xyz")),
-                               n_elements=n_elements, max_points=max_points, generator=gen)
+        w1 = recm.symmetry_gap((z, y), group, (ZREP, YREP), n_elements=n_elements, max_points=max_points,
+                               generator=torch.Generator().manual_seed(seed))
+        coupling = recm.coupling_gap(lambda v, l=l: (layer_inputs(model, v)[l], target(v, eps)), x, group, ZREP,
+                                     (ZREP, YREP), n_elements=n_elements,
+                                     generator=torch.Generator().manual_seed(seed))
         out["names"].append(name)
         out["alpha_terms"].append({t: row["alpha"][t] for t in TERMS})
         out["alpha"].append(max(abs(v) for v in row["alpha"].values()))
         out["lipschitz"].append(B)
+        out["coupling"].append(coupling)
+        out["bound_coupling"].append(alpha_bound(B, coupling, m))
         out["w1"].append(w1)
         out["bound"].append(alpha_bound(B, w1, m))
-        out["w1_newest_generators"].append(row.get("gap_w1"))
-        out["bound_newest_generators"].append(row.get("alpha_bound"))
+    model.eval()
+    return out
+
+
+def convergence(eps_values: list[float], sizes: list[int], n_elements: int, repeats: int) -> dict[str, Any]:
+    """Plug-in W1 and coupling estimate of the data's gap (z = x) against the sample size n (mean over repeats)."""
+    group = recm.SO3Generators()
+    out: dict[str, Any] = {"eps": eps_values, "n": sizes, "n_elements": n_elements, "repeats": repeats,
+                           "plugin": [], "coupling": []}
+    for eps in eps_values:
+        plug, coup = [], []
+        for n in sizes:
+            ps, cs = [], []
+            for r in range(repeats):
+                x, y = make_task(n, eps, seed=50_000 + 97 * r + n)
+                gen = torch.Generator().manual_seed(r)
+                ps.append(recm.symmetry_gap((x, y), group, (ZREP, YREP), n_elements=n_elements,
+                                            max_points=(n_elements + 1) * n, generator=gen))
+                cs.append(recm.coupling_gap(lambda v: (v, target(v, eps)), x, group, ZREP, (ZREP, YREP),
+                                            n_elements=n_elements, generator=torch.Generator().manual_seed(r)))
+            plug.append(sum(ps) / repeats)
+            coup.append(sum(cs) / repeats)
+        out["plugin"].append(plug)
+        out["coupling"].append(coup)
     return out
 
 
@@ -130,71 +187,99 @@ def add_population_bound(result: dict[str, Any]) -> None:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    """|alpha| per layer against eps with each layer's bound overlaid (dashed), and W1 against eps."""
+    """Left: final |alpha| per layer and eps with the certified bound (dashed); middle: the gap estimates of
+    layer 0 (coupling, plug-in, population bound); right: both estimators against the sample size."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     eps = result["eps"]
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4.3))
     names = result["layers"]
     for j, name in enumerate(names):
         for s, seed_runs in enumerate(result["per_seed"]):
             ax.plot(eps, [r["alpha"][j] for r in seed_runs], "o-", color=f"C{j}", lw=1.2, ms=4,
                     label=f"|alpha| {name}" if s == 0 else None)
-            ax.plot(eps, [r["bound"][j] for r in seed_runs], "--", color=f"C{j}", lw=1,
-                    label=f"2 sqrt(m) B W1 {name}" if s == 0 else None)
-            ax2.plot(eps, [r["w1"][j] for r in seed_runs], "o-", color=f"C{j}", ms=4,
-                     label=name if s == 0 else None)
-    if "bound_population" in result:
-        ax.plot(eps, result["bound_population"], ":", color="C0", lw=1.5,
-                label=f"{names[0]}: 2 sqrt(m) B (2 eps E|f|) (population)")
-        ax2.plot(eps, result["w1_population_upper"], ":", color="C0", lw=1.5,
-                 label=f"{names[0]}: population upper bound 2 eps E|f|")
+            ax.plot(eps, [r["bound_coupling"][j] for r in seed_runs], "--", color=f"C{j}", lw=1,
+                    label=f"2 sqrt(m) B C (certified) {name}" if s == 0 else None)
     ax.axhline(0.01, color="k", ls=":", lw=0.8, label="prune threshold 0.01")
+    for s, seed_runs in enumerate(result["per_seed"]):
+        ax2.plot(eps, [r["coupling"][0] for r in seed_runs], "o-", color="C0", ms=4,
+                 label="coupling estimate (upper bound)" if s == 0 else None)
+        ax2.plot(eps, [r["w1"][0] for r in seed_runs], "s--", color="C3", ms=4,
+                 label="plug-in W1 (n_eval samples)" if s == 0 else None)
+    ax2.plot(eps, result["w1_population_upper"], ":", color="k", lw=1.5, label="population bound 2 eps E|f|")
     for a in (ax, ax2):
         a.set_xscale("symlog", linthresh=0.01)
         a.set_xlim(0, max(eps) * 1.2)
         a.set_xlabel("eps (symmetry-breaking strength)")
-    ax.set_yscale("symlog", linthresh=1e-4)  # eps = 0's population bound is exactly 0
-    ax.set_ylim(0, None)
+        a.set_yscale("symlog", linthresh=1e-4)
+        a.set_ylim(0, None)
     ax.set_ylabel("final max_i |alpha_i|  /  bound")
-    ax.set_title("RECM alpha vs symmetry gap (defaults, a=1e-3)")
+    ax.set_title("RECM alpha vs its certified bound (a = 1e-3)")
     ax.legend(fontsize=6, ncol=2)
-    ax2.set_ylabel("W1(p, p_G) of (z_l, y)")
-    ax2.set_title("library symmetry-gap estimate per layer input")
+    ax2.set_ylabel("W1(p, p_G) estimate, layer 0 = data")
+    ax2.set_title("gap estimates of the data")
     ax2.legend(fontsize=7)
+    conv = result.get("convergence")
+    if conv:
+        for k, e in enumerate(conv["eps"]):
+            ax3.plot(conv["n"], conv["coupling"][k], "o-", color=f"C{k}", label=f"coupling, eps={e:g}")
+            ax3.plot(conv["n"], conv["plugin"][k], "s--", color=f"C{k}", label=f"plug-in W1, eps={e:g}")
+        ax3.set_xscale("log")
+        ax3.set_yscale("symlog", linthresh=1e-3)
+        ax3.set_xlabel("sample size n")
+        ax3.set_title(f"estimators vs n ({conv['n_elements']} rotations, mean of {conv['repeats']})")
+        ax3.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
+def table(result: dict[str, Any]) -> str:
+    """Per eps and layer: final |alpha| (max over seeds) against the certified and plug-in bounds."""
+    lines = ["| eps | layer | max abs(alpha) | coupling C | 2 sqrt(m) B C | within certified bound | plug-in W1 | "
+             "2 sqrt(m) B W1 |", "|---|---|---|---|---|---|---|---|"]
+    for i, e in enumerate(result["eps"]):
+        for j, name in enumerate(result["layers"]):
+            runs = [s[i] for s in result["per_seed"]]
+            alpha = max(r["alpha"][j] for r in runs)
+            c = sum(r["coupling"][j] for r in runs) / len(runs)
+            bc = min(r["bound_coupling"][j] for r in runs)
+            held = sum(r["alpha"][j] <= r["bound_coupling"][j] for r in runs)
+            w1 = sum(r["w1"][j] for r in runs) / len(runs)
+            bw = sum(r["bound"][j] for r in runs) / len(runs)
+            lines.append(f"| {e:g} | {name} | {alpha:.2e} | {c:.3g} | {bc:.3g} | {held}/{len(runs)} | {w1:.3g} | "
+                         f"{bw:.3g} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run the sweep, print a table, optionally write JSON and the plot."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="600 steps, one seed, 6 eps values")
+    """Run the sweep and the convergence study, print a table, optionally write JSON and the plot."""
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="150 steps, one seed, 3 eps values, a tiny convergence study")
     p.add_argument("--eps", type=float, nargs="+", default=None)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--seeds", type=int, nargs="+", default=None)
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--n-eval", type=int, default=1024, help="held-out samples for W1")
-    p.add_argument("--n-elements", type=int, default=8, help="Haar rotations in the symmetrised measure")
-    p.add_argument("--max-points", type=int, default=2048, help="atoms of the symmetrised measure")
+    p.add_argument("--n-eval", type=int, default=None, help="held-out samples for both estimators")
+    p.add_argument("--n-elements", type=int, default=8, help="Haar rotations per estimate")
+    p.add_argument("--max-points", type=int, default=2048, help="atoms of the plug-in's symmetrised measure")
     p.add_argument("--json", nargs="?", type=Path, const=ROOT / "docs/results/symmetry_gap.json", default=None)
     p.add_argument("--png", type=Path, default=None, help="plot path (default: next to --json)")
-    p.add_argument("--from-json", type=Path, default=None, help="re-derive the plot of a saved run, no training")
+    p.add_argument("--from-json", type=Path, default=None, help="table and plot of a saved run, no training")
     cfg = p.parse_args(argv)
     if cfg.from_json is not None:
         result = json.loads(cfg.from_json.read_text())
-        add_population_bound(result)
-        cfg.from_json.write_text(json.dumps(result, indent=1))
+        print(table(result))
         plot(result, cfg.png or cfg.from_json.with_suffix(".png"))
         return result
-    cfg.eps = cfg.eps or (list(EPS[:6]) if cfg.quick else list(EPS))
-    cfg.steps = cfg.steps or (600 if cfg.quick else 3000)
+    cfg.eps = cfg.eps or ([0.0, 0.1, 1.0] if cfg.quick else list(EPS))
+    cfg.steps = cfg.steps or (150 if cfg.quick else 3000)
     cfg.seeds = cfg.seeds or ([0] if cfg.quick else [0, 1])
+    cfg.n_eval = cfg.n_eval or (128 if cfg.quick else 1024)
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     per_seed: list[list[dict[str, Any]]] = []
@@ -204,30 +289,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             model, opt = train(eps, cfg.steps, cfg.batch, seed)
             r = measure(model, opt, eps, cfg.n_eval, cfg.n_elements, cfg.max_points, seed)
             runs.append(r)
-            held = all(a <= b for a, b in zip(r["alpha"], r["bound"]))
             print(f"[{time.perf_counter() - t0:6.1f}s] seed={seed} eps={eps:<5g} |alpha|=" +
-                  " ".join(f"{a:.2e}" for a in r["alpha"]) + "  W1=" + " ".join(f"{w:.3f}" for w in r["w1"]) +
-                  "  bound=" + " ".join(f"{b:.2f}" for b in r["bound"]) + f"  holds={held}", flush=True)
+                  " ".join(f"{a:.2e}" for a in r["alpha"]) + "  C=" + " ".join(f"{c:.3g}" for c in r["coupling"]) +
+                  "  bound=" + " ".join(f"{b:.2e}" for b in r["bound_coupling"]) +
+                  "  plug-in W1=" + " ".join(f"{w:.3f}" for w in r["w1"]), flush=True)
         per_seed.append(runs)
+    conv = (convergence([0.0, 0.3], [16, 64], 4, 2) if cfg.quick
+            else convergence([0.0, 0.3], [32, 128, 512], 4, 3))
     names = per_seed[0][0]["names"]
     argv_used = argv if argv is not None else sys.argv[1:]
     result = {
         "eps": cfg.eps,
-        # alpha[i][l]: final max_i |alpha_i| of layer l at eps[i], mean over seeds.
-        "alpha": [[sum(s[i]["alpha"][l] for s in per_seed) / len(per_seed) for l in range(len(names))]
-                  for i in range(len(cfg.eps))],
-        # w1[i] and bound[i]: the first layer's (its input is the data x itself), mean over seeds.
-        "w1": [sum(s[i]["w1"][0] for s in per_seed) / len(per_seed) for i in range(len(cfg.eps))],
-        "bound": [sum(s[i]["bound"][0] for s in per_seed) / len(per_seed) for i in range(len(cfg.eps))],
         "layers": names,
         "per_seed": per_seed,
-        "bound_holds": all(a <= b for s in per_seed for r in s for a, b in zip(r["alpha"], r["bound"])),
+        "certified_bound_holds": [[sum(a <= b for a, b in zip(s[i]["alpha"], s[i]["bound_coupling"]))
+                                   for s in per_seed] for i in range(len(cfg.eps))],
+        "convergence": conv,
         "state_dim": 16,
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items()},
-        "command": "python benchmarks/symmetry_gap.py " + " ".join(shlex.quote(a) for a in argv_used),
+        "command": "python -m benchmarks.symmetry_gap " + " ".join(shlex.quote(a) for a in argv_used),
+        "commit": git_commit(),
+        "machine": "CPU, 1 thread (2 shared cores)",
         "seconds": time.perf_counter() - t0,
     }
     add_population_bound(result)
+    print(table(result))
     if cfg.json is not None:
         cfg.json.parent.mkdir(parents=True, exist_ok=True)
         cfg.json.write_text(json.dumps(result, indent=1))
@@ -237,7 +323,3 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         plot(result, png)
         print("wrote", png)
     return result
-
-
-if __name__ == "__main__":
-    main()
