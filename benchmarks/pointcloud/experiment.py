@@ -303,7 +303,7 @@ def tables(results: dict[str, Any]) -> str:
     return "\n\n".join(out)
 
 
-def plot_alphas(results: dict[str, Any], png_dir: Path, method: str = "recm") -> list[Path]:
+def plot_alphas(results: dict[str, Any], png_dir: Path, method: str = "recm", stem: str = "pointcloud") -> list[Path]:
     """Figures 2 and 4: RECM's alpha_W, alpha_b (one figure) and alpha_noise (another), per layer and dataset."""
     import matplotlib
 
@@ -312,8 +312,10 @@ def plot_alphas(results: dict[str, Any], png_dir: Path, method: str = "recm") ->
 
     variants = [v for v in VARIANTS if method in results.get(v, {}).get("recm", {})]
     tag = "" if method == "recm" else "_" + method.replace(":", "_a")
-    paths = []
-    for terms, fname in [(("weight", "bias"), "pointcloud_alpha_wb.png"), (("noise",), "pointcloud_alpha_noise.png")]:
+    paths: list[Path] = []
+    if not variants:
+        return paths
+    for terms, fname in [(("weight", "bias"), f"{stem}_alpha_wb.png"), (("noise",), f"{stem}_alpha_noise.png")]:
         fig, axes = plt.subplots(len(terms), len(variants), figsize=(5 * len(variants), 3.2 * len(terms)),
                                  squeeze=False, sharex="col")
         for col, variant in enumerate(variants):
@@ -382,7 +384,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(tables(results))
         if cfg.png_dir is not None:
             for method in ("recm", "recm:1e-1"):
-                for path in plot_alphas(results, cfg.png_dir, method):
+                for path in plot_alphas(results, cfg.png_dir, method, cfg.from_json.stem):
                     print("wrote", path)
         return results
     torch.set_num_threads(1)
@@ -426,6 +428,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if cfg.png_dir is not None:
         cfg.png_dir.mkdir(parents=True, exist_ok=True)
         for method in [m for m in cfg.methods if parse_method(m)["kind"] == "recm"]:
-            for path in plot_alphas(results, cfg.png_dir, method):
+            for path in plot_alphas(results, cfg.png_dir, method, cfg.json.stem if cfg.json else "pointcloud"):
                 print("wrote", path)
     return results
