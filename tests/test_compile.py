@@ -3,7 +3,7 @@
 The CPU tests use the ``aot_eager`` backend: it runs Dynamo's tracing, guards and
 AOTAutograd exactly as the default backend does, without paying for C++ code
 generation (inductor on this tiny model costs tens of seconds per graph on one
-core). ``benchmarks/gpu_checks.py`` repeats the recompile check with inductor on a GPU.
+core). ``benchmarks/overhead/gpu_checks.py`` repeats the recompile check with inductor on a GPU.
 """
 
 from __future__ import annotations

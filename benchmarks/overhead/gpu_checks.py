@@ -4,8 +4,8 @@ Self-contained: a tiny tagged vector model, a few steps per check, a PASS/FAIL t
 exit status 1 if any check fails (2 if no GPU). Runs in well under two minutes on one
 GPU (the inductor compile dominates; ``--skip-compile`` drops it)::
 
-    python benchmarks/gpu_checks.py               # on the GPU machine
-    python benchmarks/gpu_checks.py --device cpu  # dry run of the same code paths on CPU
+    python -m benchmarks.overhead.gpu_checks               # on the GPU machine
+    python -m benchmarks.overhead.gpu_checks --device cpu  # dry run of the same code paths on CPU
 
 Checks:
   * ``inf-skip[<inner>]``: fp16 autocast + GradScaler, a loss forced to inf. ``scaler.step``

@@ -1,4 +1,4 @@
-"""RECM's training-time and memory overhead against the equivariant baseline (issue 5).
+"""RECM's training-time and memory overhead against the equivariant baseline.
 
 Each model trains in four variants, built in one process and timed with interleaved
 repeats (the order rotates every round, so drift in the machine's load hits every
@@ -29,9 +29,10 @@ and 64 layers.
 
 Usage::
 
-    OMP_NUM_THREADS=1 python benchmarks/overhead.py --quick --json /tmp/overhead_quick.json
-    OMP_NUM_THREADS=2 python benchmarks/overhead.py --threads 2 --json docs/results/overhead_cpu.json
-    python benchmarks/overhead.py --device cuda --quick --json overhead_gpu.json
+    OMP_NUM_THREADS=1 python -m benchmarks.overhead.run --quick --json /tmp/overhead_quick.json
+    OMP_NUM_THREADS=2 python -m benchmarks.overhead.run --threads 2 --json docs/results/overhead_cpu.json
+    python -m benchmarks.overhead.run --device cuda --quick --json overhead_gpu.json
+    python -m benchmarks.overhead.run --ops        # aten ops per step by phase -> docs/results/overhead_ops.json
 
 ``--quick`` finishes in under 3 minutes on 2 CPU cores (about 2 minutes); the full
 mode (about 10 minutes on one core of a loaded 2-core machine) is what
@@ -60,16 +61,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.benchmark import Timer
 
-sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1] / "examples"),
-                str(Path(__file__).resolve().parents[1])]
-
-import egnn  # noqa: E402
-import nbody_data  # noqa: E402
-from benchmarks.models.relaxed_vn import fix_coefficients, relaxed_vn_pointnet, vn_pointnet  # noqa: E402
-from benchmarks.pointcloud import data as pointcloud_data  # noqa: E402
-from vector_model import RelaxedVectorLinear, VectorGate, make_task  # noqa: E402
-
-import recm_opt as recm  # noqa: E402
+import recm_opt as recm
+from benchmarks.models.relaxed_vn import fix_coefficients, relaxed_vn_pointnet, vn_pointnet
+from benchmarks.overhead.models import RelaxedVectorLinear, VectorGate, make_task
+from benchmarks.pointcloud import data as pointcloud_data
 
 VARIANTS = ("a", "b", "c", "d")
 Batch = tuple[tuple[Tensor, ...], Tensor]
@@ -124,6 +119,9 @@ def vn_task(device: torch.device, n_train: int, n_test: int) -> Task:
 
 def egnn_task(device: torch.device, n_train: int, n_test: int) -> Task:
     """EGNN on charged 5-body (rotation-symmetric physics), batch 100 graphs."""
+    from benchmarks.overhead.models import egnn_modules
+
+    egnn, nbody_data = egnn_modules()
     train = {k: v.to(device) for k, v in nbody_data.generate_split(n_train, nbody_data.split_seed("train", 0)).items()}
     test = {k: v.to(device) for k, v in nbody_data.generate_split(n_test, nbody_data.split_seed("test", 0)).items()}
 
@@ -411,7 +409,7 @@ def _quartiles(xs: list[float]) -> tuple[float, float, float]:
 
 
 def measure(task: Task, device: torch.device, cfg: dict[str, int], run_epochs: int) -> tuple[dict, dict]:
-    """The issue's JSON entry for one model, and the details (spreads, paired ratios, memory, run)."""
+    """The JSON entry for one model, and the details (spreads, paired ratios, memory, run)."""
     # b_grad (details only): b whose fixed coefficients require grad, to split c/b into the cost of
     # learning alpha/beta by gradient (autograd keeps and reduces every branch output) and the rest.
     runners = {v: Runner(task, v, device) for v in (*VARIANTS, "b_grad")}
@@ -483,7 +481,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="subset of vn_pointnet egnn vector_stack sweep")
     parser.add_argument("--profile", action="store_true",
                         help="also profile b and c of each model by phase (host ms, aten ops, device kernels)")
+    parser.add_argument("--ops", action="store_true",
+                        help="count aten ops per step by phase instead (benchmarks.overhead.ops; writes "
+                             "docs/results/overhead_ops.json unless --json is given)")
     args = parser.parse_args(argv)
+    if args.ops:
+        from benchmarks.overhead import ops
+
+        return ops.main(["--json", str(args.json)] if args.json else [])
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
