@@ -281,6 +281,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg.seeds = cfg.seeds or ([0] if cfg.quick else [0, 1])
     cfg.n_eval = cfg.n_eval or (128 if cfg.quick else 1024)
     torch.set_num_threads(1)
+    commit = git_commit()  # the code that runs, recorded before the run
     t0 = time.perf_counter()
     per_seed: list[list[dict[str, Any]]] = []
     for seed in cfg.seeds:
@@ -308,7 +309,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "state_dim": 16,
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items()},
         "command": "python -m benchmarks.symmetry_gap " + " ".join(shlex.quote(a) for a in argv_used),
-        "commit": git_commit(),
+        "commit": commit,
         "machine": "CPU, 1 thread (2 shared cores)",
         "seconds": time.perf_counter() - t0,
     }
