@@ -89,14 +89,24 @@ def _w1(x: Tensor, y: Tensor) -> float:
 
 
 def _subsample(stacked: Tensor, max_points: int, generator: torch.Generator | None) -> Tensor:
-    """Keep at most ``max_points // copies`` units so that the assignment stays small."""
+    """Keep at most ``max_points`` copies and ``max_points // copies`` units: at most ``max_points`` atoms a side."""
+    g = generator if generator is not None else torch.Generator().manual_seed(0)
+    if stacked.shape[0] - 1 > max_points:  # more copies than the cap: a uniform subset of them (identity kept)
+        pick = 1 + torch.randperm(stacked.shape[0] - 1, generator=g)[:max_points]
+        stacked = stacked[torch.cat([torch.zeros(1, dtype=pick.dtype), pick]).to(stacked.device)]
     copies, units = stacked.shape[0] - 1, stacked.shape[1]
     keep = max(1, max_points // max(copies, 1))
     if units <= keep:
         return stacked
-    g = generator if generator is not None else torch.Generator().manual_seed(0)
     idx = torch.randperm(units, generator=g)[:keep]
     return stacked[:, idx.to(stacked.device)]
+
+
+def _gap_elements(group: Group, n_elements: int, max_points: int, generator: torch.Generator) -> Tensor:
+    """Every element of a finite group of order <= ``max_points``; else ``n_elements`` uniform (Haar) samples."""
+    if group.finite and group.order() <= max_points:
+        return group.elements()
+    return group.sample(max(1, min(n_elements, max_points)), generator)
 
 
 def _flat_units(x: Tensor, rep: Representation) -> tuple[Tensor, tuple[int, ...]]:
@@ -139,20 +149,26 @@ def symmetry_gap(
       ``||l_theta|| <= B W1(p, p_C)`` holds for that sample.
     - ``symmetry_gap(tensors, group, reps)``: the units of ``tensors`` (e.g. ``(z, y)``,
       acted on by ``reps``) against their average over the whole group, ``W1(p, p_G)``.
-      For a finite group ``E`` is every element and the value is exact. For an
-      infinite group ``E`` is ``n_elements`` Haar samples: the plug-in estimate
-      ``W1(p, p_E)`` is consistent as ``n_elements`` grows and, W1 being convex, its
-      expectation is >= ``W1(p, p_G)``, so bounds built on it err on the safe side.
+      For a finite group of order <= ``max_points`` ``E`` is every element and the
+      value is exact (on the units kept). For an infinite group, or a finite one
+      with more elements than ``max_points`` (``S_7`` has 5040), ``E`` is
+      ``n_elements`` uniform (Haar) samples, drawn without listing the group: the
+      plug-in estimate ``W1(p, p_E)`` is consistent as ``n_elements`` grows and, W1
+      being convex, its expectation is >= ``W1(p, p_G)``, so bounds built on it err
+      on the safe side.
 
     W1 uses the Euclidean metric on the flattened per-unit features and is computed
     as an optimal assignment (scipy's ``linear_sum_assignment``) between the
-    replicated atoms; the sample is subsampled to ``max_points`` atoms per side.
+    replicated atoms. The cap always holds: at most ``max_points`` copies (a
+    uniform subset of a larger stacked sample's copies, identity kept) and
+    ``max_points // copies`` units, so the assignment is at most
+    ``max_points x max_points``.
 
     Args:
         source: a tagged layer, a :class:`Modulation`, a stacked sample, or tensors.
         group: the group, for tensors.
         reps: one representation per tensor.
-        n_elements: Haar samples for an infinite group.
+        n_elements: Haar samples for an infinite group or a finite group of order > ``max_points``.
         max_points: cap on the atoms of the symmetrised measure (cost ~ max_points^3).
         generator: random source for Haar samples and subsampling (default: seed 0).
 
@@ -187,8 +203,7 @@ def symmetry_gap(
         if len(rep_list) != len(tensors):
             raise ValueError(f"need one representation per tensor, got {len(rep_list)} for {len(tensors)}")
         g = generator if generator is not None else torch.Generator().manual_seed(0)
-        elements = group.elements() if group.finite else group.sample(n_elements, g)
-        stacked = _orbit_sample(tensors, rep_list, group, elements)
+        stacked = _orbit_sample(tensors, rep_list, group, _gap_elements(group, n_elements, max_points, g))
     stacked = _subsample(stacked.detach(), max_points, generator)
     return _w1(stacked[0], stacked[1:].flatten(0, 1))
 

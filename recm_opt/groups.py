@@ -5,7 +5,7 @@ stored as matrices of the group's *natural* representation (3x3 rotations for
 SO(3), 2x2 for the planar groups, n x n permutation matrices for S_n, block
 diagonal matrices for products). ``C_G`` is all RECM needs: ``l_theta`` averages
 ``r_theta`` over ``C_G``, and its expected value vanishes exactly when the data
-is invariant under the closed group that ``C_G`` generates (DESIGN.md 1.1).
+is invariant under the closed group that ``C_G`` generates.
 
 Representations (:mod:`recm_opt.reps`) ask a group for the matrices it needs
 through :meth:`Group.matrices`, by kind (``"vector"`` or ``"permutation"``) and
@@ -164,12 +164,22 @@ class Group:
                         found[k] = h
                         new.append(h)
             if len(found) > max_order:
-                raise ValueError(f"{self.name}: closure exceeds max_order={max_order}")
+                raise ValueError(
+                    f"{self.name}: closure exceeds max_order={max_order}; use order() for its size and "
+                    f"sample(n, generator) for uniform elements instead of listing them all"
+                )
             frontier = new
         return torch.stack(list(found.values()))
 
     def order(self) -> int:
-        """Return the number of elements of a finite group (by closure).
+        """Return the number of elements of a finite group.
+
+        The base class counts the closure of ``C_G`` (see :meth:`elements`); the
+        built-in finite groups answer without listing their elements, so this is
+        instant for ``PermutationGenerators(12)`` as well.
+
+        Raises:
+            ValueError: for infinite groups, or when the closure exceeds :meth:`elements`' cap.
 
         Example:
             >>> DihedralGenerators(5).order()
@@ -178,7 +188,11 @@ class Group:
         return len(self.elements())
 
     def sample(self, n: int, generator: torch.Generator) -> Tensor:
-        """Draw ``n`` elements from the group's Haar (uniform) measure."""
+        """Draw ``n`` elements from the group's Haar (uniform) measure.
+
+        The base class draws uniformly from :meth:`elements`; the built-in groups
+        sample directly, without listing their elements.
+        """
         elems = self.elements()
         idx = torch.randint(len(elems), (n,), generator=generator)
         return elems[idx]
@@ -328,6 +342,15 @@ class CyclicGenerators(Group):
             return _polygon_permutations(elements, self.n)
         return super().matrices(elements, kind, size)
 
+    def order(self) -> int:  # noqa: D102
+        return self.n
+
+    def sample(self, n: int, generator: torch.Generator) -> Tensor:
+        """Draw ``n`` uniformly random rotations by multiples of 2 pi / n."""
+        theta = torch.randint(self.n, (n,), generator=generator).to(_DTYPE) * (2 * math.pi / self.n)
+        c, s = torch.cos(theta), torch.sin(theta)
+        return torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.n})"
 
@@ -351,6 +374,15 @@ class DihedralGenerators(CyclicGenerators):
     def generators(self) -> Tensor:  # noqa: D102
         s = torch.tensor([[1.0, 0.0], [0.0, -1.0]], dtype=_DTYPE)
         return torch.stack([_planar_rotation(2 * math.pi / self.n), s])
+
+    def order(self) -> int:  # noqa: D102
+        return 2 * self.n
+
+    def sample(self, n: int, generator: torch.Generator) -> Tensor:
+        """Draw ``n`` uniformly random elements ``r^k s^j`` (k < n, j < 2)."""
+        rotations = super().sample(n, generator)
+        flips = torch.randint(2, (n,), generator=generator).to(_DTYPE) * 2 - 1
+        return rotations * torch.stack([torch.ones_like(flips), flips], -1)[:, None, :]
 
 
 def _polygon_permutations(elements: Tensor, n: int) -> Tensor:
@@ -392,6 +424,24 @@ class PermutationGenerators(Group):
         if kind == "permutation" and size == self.n:
             return elements
         raise ValueError(f"{self.name} has no {kind} representation of size {size}")
+
+    def order(self) -> int:
+        """Return the order of the group ``C_G`` generates, by Schreier-Sims (sympy), without listing it.
+
+        Example:
+            >>> PermutationGenerators(9).order()
+            362880
+        """
+        from sympy.combinatorics import Permutation, PermutationGroup  # a dependency of torch
+
+        images = self.generators().argmax(1).tolist()  # column i holds its 1 in row pi(i)
+        return int(PermutationGroup([Permutation(p) for p in images]).order())
+
+    def sample(self, n: int, generator: torch.Generator) -> Tensor:
+        """Draw ``n`` uniformly random permutation matrices (``P[pi(i), i] = 1``)."""
+        eye = torch.eye(self.n, dtype=_DTYPE)
+        perms = [torch.randperm(self.n, generator=generator) for _ in range(n)]
+        return torch.stack([eye[:, p] for p in perms]) if n else eye[None][:0]
 
     def __repr__(self) -> str:
         return f"PermutationGenerators({self.n})"
@@ -437,6 +487,17 @@ class ProductGenerators(Group):
         i, o = hits[0], self._offsets[hits[0]]
         d = self.factors[i].dim
         return self.factors[i].matrices(elements[:, o : o + d, o : o + d], kind, size)
+
+    def order(self) -> int:
+        """Return the product of the factors' orders.
+
+        Example:
+            >>> ProductGenerators(CyclicGenerators(3), PermutationGenerators(3)).order()
+            18
+        """
+        if not self.finite:
+            raise ValueError(f"{self.name} is infinite: it has no finite order")
+        return math.prod(f.order() for f in self.factors)
 
     def sample(self, n: int, generator: torch.Generator) -> Tensor:  # noqa: D102
         return self._block([f.sample(n, generator) for f in self.factors])

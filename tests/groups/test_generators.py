@@ -1,4 +1,4 @@
-"""DESIGN.md 1.1 law 6: the generating sets close to the right groups, and SO(3)/SO(2) words equidistribute."""
+"""The generating sets close to the right groups, and SO(3)/SO(2) words equidistribute."""
 
 from __future__ import annotations
 
