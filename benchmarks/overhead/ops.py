@@ -84,7 +84,8 @@ def build(variant: str, depth: int, width: int = 16, seed: int = 0) -> tuple[nn.
         fix_coefficients(model, alpha=0.5, beta=1.0)
         return model, inner
     if variant == "c":
-        return model, recm.RECMOptimizer(inner, model, target=recm.Vector("b xyz"))
+        return model, recm.RECMOptimizer(inner, model, target=recm.Vector("b xyz"),
+                                         example=torch.zeros(1, width, 3))
     raise ValueError(f"variant must be 'b' or 'c', got {variant!r}")
 
 
