@@ -10,11 +10,15 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import tomllib
 from importlib import metadata
 from pathlib import Path
 
 import pytest
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
