@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from vector_model import VectorNet, make_task  # noqa: E402
 
 import recm_opt as recm  # noqa: E402
+from recm_opt.monitoring import metrics, plot_history  # noqa: E402
 
 try:
     from tqdm import tqdm
@@ -31,14 +32,15 @@ except ImportError:  # progress bars are optional
 
 def train(
     broken: float, steps: int, batch: int = 64, seed: int = 0
-) -> tuple[torch.nn.Module, recm.RECMOptimizer, dict]:
-    """Train one run; return the model, its optimizer and alpha per layer and term over steps."""
+) -> tuple[torch.nn.Module, recm.RECMOptimizer, tuple[list[int], list[dict[str, float]]]]:
+    """Train one run; return the model, its optimizer and the flat RECM metrics logged every 10 steps."""
     torch.manual_seed(seed)
     model = VectorNet()
     opt = recm.RECMOptimizer(torch.optim.Adam(model.parameters(), lr=1e-3), model, target=recm.Vector("b xyz"),
                              example=torch.zeros(1, 4, 3))
     x, y = make_task(steps * batch, broken, seed=seed + 1)
-    history: dict[str, list[list[float]]] = {name: [] for name in opt.layers}
+    logged_steps: list[int] = []
+    history: list[dict[str, float]] = []
     label = "symmetric" if broken == 0 else f"broken={broken}"
     for step in tqdm(range(steps), desc=label, mininterval=1.0):
         xb, yb = x[step * batch : (step + 1) * batch], y[step * batch : (step + 1) * batch]
@@ -47,35 +49,17 @@ def train(
         opt.step(target=yb)
         opt.zero_grad()
         if step % 10 == 0 or step == steps - 1:
-            for row in opt.report():
-                history[row["name"]].append([step, *row["alpha"].values()])
-    return model, opt, history
+            logged_steps.append(step)
+            history.append(metrics(opt))  # {"recm/<layer>/alpha/<term>": ..., ".../beta": ..., ".../h_norm": ...}
+    return model, opt, (logged_steps, history)
 
 
-def plot(histories: dict[str, dict], path: Path) -> bool:
-    """Save alpha over steps per layer and term (paper Figure 2 style); False without matplotlib."""
+def plot(name: str, logged: tuple[list[int], list[dict[str, float]]], path: Path) -> bool:
+    """Save alpha and beta over steps per layer (paper Figure 2 style); False without matplotlib."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plot_history(*logged, path, title=f"{name} task")
     except ImportError:
         return False
-    runs = list(histories)
-    layers = list(histories[runs[0]])
-    fig, axes = plt.subplots(len(runs), len(layers), figsize=(4 * len(layers), 3 * len(runs)), squeeze=False)
-    for i, run in enumerate(runs):
-        for j, layer in enumerate(layers):
-            data = torch.tensor(histories[run][layer])
-            for k, term in enumerate(("weight", "bias", "noise")):
-                axes[i, j].plot(data[:, 0], data[:, k + 1], label=f"alpha_{term}")
-            axes[i, j].axhspan(-0.01, 0.01, color="grey", alpha=0.2, label="pruned band")
-            axes[i, j].set_title(f"{run}: {layer}")
-            axes[i, j].set_xlabel("step")
-    axes[0, 0].legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
     return True
 
 
@@ -83,12 +67,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--broken", type=float, default=1.0, help="symmetry-breaking strength of the broken task")
-    parser.add_argument("--out", type=Path, default=Path("outputs/demo_alpha.png"))
+    parser.add_argument("--out", type=Path, default=Path("outputs"), help="folder for demo_alpha_<task>.png")
     args = parser.parse_args()
-    histories, verdicts = {}, []
+    verdicts = []
     for broken in (0.0, args.broken):
         name = "symmetric" if broken == 0 else "broken"
-        model, opt, histories[name] = train(broken, args.steps)
+        model, opt, logged = train(broken, args.steps)
+        figure = args.out / f"demo_alpha_{name}.png"
+        if plot(name, logged, figure):
+            print(f"saved alpha and beta over steps to {figure.resolve()}")
         rows = opt.report()
         print(f"\n== {name} task (broken={broken}) ==")
         print(recm.format_report(rows))
@@ -98,8 +85,6 @@ def main() -> None:
     sym_kept, broken_kept = verdicts[0][1], verdicts[1][1]
     print("\nsymmetric:", "every alpha pruned" if not sym_kept else f"layers kept relaxation: {sym_kept}")
     print("broken:   ", f"layers kept relaxation: {broken_kept}" if broken_kept else "every alpha pruned")
-    if plot(histories, args.out):
-        print(f"saved alpha-over-steps plot to {args.out.resolve()}")
     ok = not sym_kept and bool(broken_kept)
     print("RESULT:", "as expected" if ok else "NOT as expected")
     sys.exit(0 if ok else 1)
