@@ -10,7 +10,8 @@ a CSV writer or a W&B-style ``log`` all accept. Its keys are fixed by the model
 - ``recm/<layer>/h_norm``: ``|h|``, the size of the layer's state.
 
 ``report()`` without ``gaps=True`` does no assignment problem, so calling
-:func:`metrics` every step is cheap (see docs/benchmarks.md for the measured cost).
+:func:`metrics` every step is cheap: 0.2 to 0.5 ms on CPU, 2 to 9 % of a 4 to 5 ms
+step of a 2- or 3-layer model (most of it is the report's parameter counts).
 :func:`plot_history` draws alpha and beta per layer from logged metrics (matplotlib,
 optional).
 """
