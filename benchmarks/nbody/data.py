@@ -11,7 +11,12 @@ charges) to the positions at frame 40 on a fully connected graph whose edge
 attribute is ``q_i q_j``. Splits of 3000/2000/2000 simulations are generated
 from disjoint seed streams, vectorised over simulations, and cached on disk.
 
-Run ``python benchmarks/nbody_data.py`` to print the linear-baseline anchor.
+Two variants of the physics (same initial states) serve the symmetry
+experiments: ``clip="norm"`` rescales forces by their length instead of clipping
+components, which keeps the dynamics rotation-equivariant, and ``field=E`` adds
+a uniform external field ``E`` along z acting on the charges, which breaks it.
+
+Run ``python -m benchmarks.nbody.data`` to print the linear-baseline anchor.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ MAX_FORCE = 0.1 / DT
 FRAME_IN = 30
 FRAME_OUT = 40
 SPLIT_SIZES = {"train": 3000, "valid": 2000, "test": 2000}
+CLIPS = ("component", "norm")
+FIELD_AXIS = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)  # the external field points along z
 CACHE_VERSION = 1  # bump when the generator changes so stale caches are ignored
 
 
@@ -80,15 +87,20 @@ def initial_state(
     return loc, vel, charges
 
 
-def forces(loc: Tensor, charges: Tensor) -> Tensor:
-    """Clipped pairwise Coulomb-like forces.
+def forces(loc: Tensor, charges: Tensor, clip: str = "component", field: float = 0.0) -> Tensor:
+    """Clipped pairwise Coulomb-like forces, optionally in a uniform external field.
 
     Args:
         loc: Positions (S,N,3).
         charges: Charges (S,N,1).
+        clip: ``"component"`` clips each Cartesian component to +-``MAX_FORCE``
+            (the reference; not rotation-equivariant), ``"norm"`` rescales any force
+            longer than ``MAX_FORCE`` to that length (rotation-equivariant).
+        field: Strength E of a uniform field along ``FIELD_AXIS``; particle i feels
+            ``q_i E`` on top of the pairwise force (added before clipping).
 
     Returns:
-        Forces (S,N,3), each component clipped to +-``MAX_FORCE``.
+        Forces (S,N,3).
     """
     diff = loc[:, :, None, :] - loc[:, None, :, :]  # x_i - x_j, (S,N,N,3)
     dist2 = (diff**2).sum(-1)
@@ -97,11 +109,18 @@ def forces(loc: Tensor, charges: Tensor) -> Tensor:
     inv_d3 = dist2.masked_fill(eye, 1.0).pow(-1.5).masked_fill(eye, 0.0)
     qq = charges @ charges.transpose(1, 2)  # (S,N,N)
     force = ((INTERACTION * qq * inv_d3)[..., None] * diff).sum(2)
-    return force.clamp(-MAX_FORCE, MAX_FORCE)
+    if field:
+        force = force + field * charges * FIELD_AXIS.to(force)
+    if clip == "component":
+        return force.clamp(-MAX_FORCE, MAX_FORCE)
+    if clip == "norm":
+        norm = force.norm(dim=-1, keepdim=True)
+        return force * (MAX_FORCE / norm.clamp(min=MAX_FORCE))
+    raise ValueError(f"forces: clip must be one of {CLIPS}, got {clip!r}")
 
 
 def simulate(
-    loc: Tensor, vel: Tensor, charges: Tensor
+    loc: Tensor, vel: Tensor, charges: Tensor, clip: str = "component", field: float = 0.0
 ) -> tuple[Tensor, Tensor]:
     """Integrates trajectories with symplectic Euler and records 49 frames.
 
@@ -113,28 +132,61 @@ def simulate(
         loc: Initial positions (S,N,3).
         vel: Initial velocities (S,N,3).
         charges: Charges (S,N,1).
+        clip: Force clipping, see :func:`forces`.
+        field: External field strength, see :func:`forces`.
 
     Returns:
         ``(locs, vels)`` each of shape (S, 49, N, 3).
     """
     loc, vel = loc.clone(), vel.clone()
     locs, vels = [], []
-    vel += DT * forces(loc, charges)
+    vel += DT * forces(loc, charges, clip, field)
     for step in range(1, N_STEPS):
         loc += DT * vel
         if step % SAMPLE_FREQ == 0:
             locs.append(loc.clone())
             vels.append(vel.clone())
-        vel += DT * forces(loc, charges)
+        vel += DT * forces(loc, charges, clip, field)
     return torch.stack(locs, 1), torch.stack(vels, 1)
 
 
-def generate_split(n_sims: int, seed: int) -> dict[str, Tensor]:
+def advance(loc: Tensor, vel: Tensor, charges: Tensor, n_frames: int = FRAME_OUT - FRAME_IN,
+            clip: str = "component", field: float = 0.0) -> Tensor:
+    """Continues a recorded frame ``n_frames`` frames ahead and returns the positions there.
+
+    A recorded frame holds the position after a drift and the velocity used for that
+    drift, so the loop resumes with a kick. ``advance(frame 30) == frame 40`` up to
+    round-off; it is what the equivariance-floor measurement re-simulates.
+
+    Args:
+        loc: Positions of the frame (S,N,3).
+        vel: Velocities of the frame (S,N,3).
+        charges: Charges (S,N,1).
+        n_frames: Frames to advance (each ``SAMPLE_FREQ`` steps).
+        clip: Force clipping, see :func:`forces`.
+        field: External field strength, see :func:`forces`.
+
+    Returns:
+        Positions (S,N,3) ``n_frames`` frames later.
+    """
+    loc, vel = loc.clone(), vel.clone()
+    for _ in range(n_frames * SAMPLE_FREQ):
+        vel += DT * forces(loc, charges, clip, field)
+        loc += DT * vel
+    return loc
+
+
+def generate_split(n_sims: int, seed: int, clip: str = "component", field: float = 0.0) -> dict[str, Tensor]:
     """Generates one split's task tensors (no caching).
+
+    Every physics variant starts from the same initial states for one seed, so
+    variants differ only in their dynamics.
 
     Args:
         n_sims: Number of simulations.
         seed: Generator seed (already split-specific).
+        clip: Force clipping, see :func:`forces`.
+        field: External field strength, see :func:`forces`.
 
     Returns:
         Dict with ``loc``, ``vel`` (frame 30), ``charges`` and ``target``
@@ -142,7 +194,7 @@ def generate_split(n_sims: int, seed: int) -> dict[str, Tensor]:
     """
     gen = torch.Generator().manual_seed(seed)
     loc0, vel0, charges = initial_state(n_sims, gen)
-    locs, vels = simulate(loc0, vel0, charges)
+    locs, vels = simulate(loc0, vel0, charges, clip, field)
     return {
         "loc": locs[:, FRAME_IN].contiguous(),
         "vel": vels[:, FRAME_IN].contiguous(),
@@ -165,7 +217,15 @@ def _atomic_save(obj: dict[str, Tensor], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def load_split(split: str, n: int | None = None, seed: int = 0) -> dict[str, Tensor]:
+def variant_tag(clip: str = "component", field: float = 0.0) -> str:
+    """The cache-name suffix of a physics variant (empty for the reference)."""
+    if clip not in CLIPS:
+        raise ValueError(f"clip must be one of {CLIPS}, got {clip!r}")
+    return ("" if clip == "component" else f"_{clip}clip") + (f"_field{field:g}" if field else "")
+
+
+def load_split(split: str, n: int | None = None, seed: int = 0, clip: str = "component",
+               field: float = 0.0) -> dict[str, Tensor]:
     """Loads (generating and caching on first use) one split.
 
     Args:
@@ -173,16 +233,18 @@ def load_split(split: str, n: int | None = None, seed: int = 0) -> dict[str, Ten
             selects the seed stream).
         n: Number of simulations; defaults to the standard split size.
         seed: Base seed shared by all splits of one data set.
+        clip: Force clipping, see :func:`forces`.
+        field: External field strength, see :func:`forces`.
 
     Returns:
         Dict with ``loc`` (S,5,3), ``vel`` (S,5,3), ``charges`` (S,5,1) and
         ``target`` (S,5,3), float64.
     """
     n = SPLIT_SIZES[split] if n is None else n
-    path = cache_dir() / f"{split}_{n}_{seed}_v{CACHE_VERSION}.pt"
+    path = cache_dir() / f"{split}_{n}_{seed}{variant_tag(clip, field)}_v{CACHE_VERSION}.pt"
     if path.exists():
-        return torch.load(path)
-    data = generate_split(n, split_seed(split, seed))
+        return torch.load(path, weights_only=True)
+    data = generate_split(n, split_seed(split, seed), clip, field)
     _atomic_save(data, path)
     return data
 
@@ -203,7 +265,7 @@ def edges(n_nodes: int = N_BODIES) -> Tensor:
 
 
 def batch_graphs(
-    loc: Tensor, vel: Tensor, charges: Tensor, target: Tensor | None = None
+    loc: Tensor, vel: Tensor, charges: Tensor, target: Tensor | None = None, charge_feature: bool = False
 ) -> dict[str, Tensor]:
     """Flattens a batch of simulations into EGNN's flattened-node layout.
 
@@ -212,9 +274,12 @@ def batch_graphs(
         vel: Velocities (B,N,3).
         charges: Charges (B,N,1).
         target: Optional target positions (B,N,3).
+        charge_feature: Also give each node its charge, ``h = [||v||, q]``. In the
+            reference only the products ``q_i q_j`` are seen, which fix the charges up
+            to a global sign; an external field makes that sign observable.
 
     Returns:
-        Dict with ``h`` (B*N,1) node features ``||v||``, ``x`` (B*N,3),
+        Dict with ``h`` (B*N,1) node features ``||v||`` (B*N,2 with the charge), ``x`` (B*N,3),
         ``v`` (B*N,3), ``edge_index`` (2,E) with per-graph node offsets,
         ``edge_attr`` (E,1) = q_i q_j, ``batch`` (B*N,) graph index and, if
         given, ``y`` (B*N,3).
@@ -225,7 +290,8 @@ def batch_graphs(
     edge_index = base.repeat(1, b) + offsets
     q = charges.reshape(b * n, 1)
     out = {
-        "h": vel.norm(dim=-1).reshape(b * n, 1),
+        "h": torch.cat([vel.norm(dim=-1, keepdim=True), charges], -1).reshape(b * n, 2) if charge_feature
+        else vel.norm(dim=-1).reshape(b * n, 1),
         "x": loc.reshape(b * n, DIM),
         "v": vel.reshape(b * n, DIM),
         "edge_index": edge_index,

@@ -2,7 +2,7 @@
 
 Models (same data, epochs, batches, seeds and equivariant initialisation):
 
-- ``egnn``: the plain EGNN of :mod:`egnn` with Adam.
+- ``egnn``: the plain EGNN of :mod:`benchmarks.models.egnn` with Adam.
 - ``egnn_recm``: the same network with every layer's node- and coordinate-update
   map ``@relaxed`` (candidates on the raw coordinates and velocities), trained
   with ``RECMOptimizer`` at its defaults and the target declared as a per-node
@@ -17,8 +17,8 @@ buffers that a parameter snapshot would not restore).
 
 Usage::
 
-    OMP_NUM_THREADS=1 python benchmarks/nbody.py --quick --json /tmp/nbody_quick.json
-    OMP_NUM_THREADS=1 python benchmarks/nbody.py --seeds 0 1 2 --epochs 250 \\
+    OMP_NUM_THREADS=1 python -m benchmarks.nbody.table2_egnn --quick --json /tmp/nbody_quick.json
+    OMP_NUM_THREADS=1 python -m benchmarks.nbody.table2_egnn --seeds 0 1 2 --epochs 250 \\
         --json docs/results/nbody.json --png docs/results/nbody_alpha.png
 """
 
@@ -34,12 +34,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import egnn
-import nbody_data as nd
 import torch
 from torch import Tensor, nn
 
 import recm_opt as recm
+from benchmarks.models import egnn
+from benchmarks.nbody import data as nd
+from benchmarks.nbody.train import evaluate as _evaluate
+from benchmarks.nbody.train import predict as _predict
 
 MODELS = ("egnn", "egnn_recm", "egnn_es")
 TARGET = recm.Vector("n xyz")  # per-node 3-vector target (flattened-node layout)
@@ -137,7 +139,7 @@ def train(name: str, data: dict[str, dict[str, Tensor]], epochs: int, seed: int,
         model.train()
         start, losses = time.perf_counter(), []
         for idx in torch.randperm(n_train, generator=gen).split(batch_size):
-            pred, y = egnn.predict(model, data["train"], idx)
+            pred, y = _predict(model, data["train"], idx)
             loss = nn.functional.mse_loss(pred, y)
             opt.zero_grad()
             loss.backward()
@@ -149,10 +151,10 @@ def train(name: str, data: dict[str, dict[str, Tensor]], epochs: int, seed: int,
                 hist["alpha"].append(alpha_snapshot(opt))
         hist["train_time"] += time.perf_counter() - start
         hist["train_loss"].append(sum(losses) / len(losses))
-        hist["val_mse"].append(egnn.evaluate(model, data["valid"]))
+        hist["val_mse"].append(_evaluate(model, data["valid"]))
         if hist["val_mse"][-1] < hist["best_val"]:
             hist["best_val"], hist["best_epoch"] = hist["val_mse"][-1], epoch
-            hist["test_mse"] = egnn.evaluate(model, data["test"])
+            hist["test_mse"] = _evaluate(model, data["test"])
             hist["alpha_at_best"] = alpha_snapshot(opt)
         if log is not None and (epoch % 10 == 0 or epoch == epochs - 1):
             print(f"[{name} seed {seed}] epoch {epoch}: train {hist['train_loss'][-1]:.5f} "
@@ -166,7 +168,7 @@ def train(name: str, data: dict[str, dict[str, Tensor]], epochs: int, seed: int,
         hist["kept"] = {r["name"]: r["kept"] for r in rows if r["kept"]}
         hist["param_overhead"] = recm.parameter_overhead(rows, model)
         # The exported (baked, pruned) model is what inference would ship.
-        hist["final_test_mse_exported"] = egnn.evaluate(recm.export(model), data["test"])
+        hist["final_test_mse_exported"] = _evaluate(recm.export(model), data["test"])
     return hist
 
 
@@ -320,7 +322,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data = {s: nd.load_split(s, n) for s, n in sizes.items()}
     c = nd.fit_linear(data["train"])
     result: dict[str, Any] = {
-        "command": "python benchmarks/nbody.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m benchmarks.nbody.table2_egnn " + shlex.join(sys.argv[1:] if argv is None else argv),
         "machine": machine(), "splits": sizes, "published": PUBLISHED,
         "linear": {"c": c, "test_mse": nd.linear_test_mse(c, data["test"]),
                    "valid_mse": nd.linear_test_mse(c, data["valid"])},

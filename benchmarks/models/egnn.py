@@ -1,7 +1,7 @@
 """Plain E(n)-equivariant graph network (Satorras et al. 2021) for N-body.
 
 Pure-torch EGNN with velocity-aware coordinate updates, written for the
-flattened-node layout produced by :func:`nbody_data.batch_graphs`:
+flattened-node layout produced by :func:`benchmarks.nbody.data.batch_graphs`:
 
     m_ij  = phi_e(h_i, h_j, ||x_i - x_j||^2, a_ij)
     x_i' = x_i + C * sum_j (x_i - x_j) phi_x(m_ij) + phi_v(h_i) v_i
@@ -22,18 +22,15 @@ exactly the plain EGNN maps.
 
 from __future__ import annotations
 
-import copy
-import time
-
-import nbody_data
 import torch
 from torch import Tensor, nn
 
 import recm_opt as recm
 
-# Flattened-node layout (DESIGN.md 1.2): one RECM unit per node.
+# Flattened-node layout: one RECM unit per node.
 NODE_SCALARS = recm.Invariant("n f")
 NODE_VECTORS = recm.Vector("n xyz")
+DIM = 3
 
 
 def _segment_sum(values: Tensor, index: Tensor, n_segments: int) -> Tensor:
@@ -150,9 +147,9 @@ def _init_candidates(module: nn.Module, hidden: int, out: int) -> None:
     - ``un_bias``: a free bias on the update (a fixed direction for vectors).
     - ``noise_scale``: additive Gaussian noise with a learnable scale (training only).
 
-    They start small (DESIGN.md 5) so that a small alpha means a small contribution.
+    They start small so that a small alpha means a small contribution.
     """
-    module.un_weight = nn.Linear(2 * nbody_data.DIM + hidden, out, bias=False)
+    module.un_weight = nn.Linear(2 * DIM + hidden, out, bias=False)
     with torch.no_grad():
         module.un_weight.weight.mul_(0.01)
     module.un_bias = nn.Parameter(torch.zeros(out))
@@ -184,7 +181,7 @@ class RelaxedCoordUpdate(CoordUpdate):
 
     def __init__(self, hidden: int) -> None:
         super().__init__(hidden)
-        _init_candidates(self, hidden, nbody_data.DIM)
+        _init_candidates(self, hidden, DIM)
 
     def equivariant(
         self, x: Tensor, v: Tensor, h: Tensor, m: Tensor, coord_diff: Tensor, edge_index: Tensor
@@ -296,101 +293,3 @@ class EGNN(nn.Module):
         for layer in self.layers:
             h, x = layer(h, x, v, edge_index, edge_attr)
         return x + centre
-
-
-def predict(model: EGNN, data: dict[str, Tensor], idx: Tensor) -> tuple[Tensor, Tensor]:
-    """Runs the model on simulations ``idx`` and returns (prediction, target)."""
-    dtype = next(model.parameters()).dtype
-    g = nbody_data.batch_graphs(
-        *(data[k][idx].to(dtype) for k in ("loc", "vel", "charges", "target"))
-    )
-    pred = model(g["h"], g["x"], g["v"], g["edge_index"], g["edge_attr"], g["batch"])
-    return pred, g["y"]
-
-
-@torch.no_grad()
-def evaluate(model: EGNN, data: dict[str, Tensor], batch_size: int = 500) -> float:
-    """MSE (mean over all coordinates) of the model on one split.
-
-    Args:
-        model: The network.
-        data: Split dict from :func:`nbody_data.load_split`.
-        batch_size: Simulations per forward pass.
-
-    Returns:
-        The mean squared error.
-    """
-    model.eval()
-    n = data["loc"].shape[0]
-    total = 0.0
-    for idx in torch.arange(n).split(batch_size):
-        pred, y = predict(model, data, idx)
-        total += float(((pred - y) ** 2).sum())
-    return total / (n * data["loc"].shape[1] * data["loc"].shape[2])
-
-
-def _train_epoch(model: EGNN, opt: torch.optim.Optimizer, train: dict[str, Tensor],
-                 batch_size: int, gen: torch.Generator) -> float:
-    """One shuffled pass over the training split; returns the mean batch loss."""
-    model.train()
-    perm = torch.randperm(train["loc"].shape[0], generator=gen)
-    losses = []
-    for idx in perm.split(batch_size):
-        pred, y = predict(model, train, idx)
-        loss = nn.functional.mse_loss(pred, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return sum(losses) / len(losses)
-
-
-def train_egnn(model: EGNN, data: dict[str, dict[str, Tensor]], epochs: int, lr: float = 5e-4,
-               weight_decay: float = 1e-12, batch_size: int = 100, seed: int = 0) -> dict:
-    """Trains with Adam and MSE loss, selecting the epoch by validation MSE.
-
-    Args:
-        model: The network (trained in place; ends with the best weights).
-        data: ``{"train": ..., "valid": ..., "test": ...}`` split dicts.
-        epochs: Number of epochs.
-        lr: Adam learning rate.
-        weight_decay: Adam weight decay.
-        batch_size: Simulations per batch.
-        seed: Seed for the shuffling order.
-
-    Returns:
-        Dict with ``val_mse`` (per epoch), ``train_loss`` (per epoch),
-        ``best_epoch``, ``test_mse`` (at the best validation epoch) and
-        ``epoch_time`` (mean seconds per training pass).
-    """
-    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-    gen = torch.Generator().manual_seed(seed)
-    hist: dict = {"val_mse": [], "train_loss": [], "epoch_time": 0.0}
-    best_state, best_val = copy.deepcopy(model.state_dict()), float("inf")
-    for epoch in range(epochs):
-        start = time.perf_counter()
-        hist["train_loss"].append(_train_epoch(model, opt, data["train"], batch_size, gen))
-        hist["epoch_time"] += (time.perf_counter() - start) / epochs
-        hist["val_mse"].append(evaluate(model, data["valid"]))
-        # Keep the best weights instead of testing every epoch: same result, cheaper.
-        if hist["val_mse"][-1] < best_val:
-            best_val, hist["best_epoch"] = hist["val_mse"][-1], epoch
-            best_state = copy.deepcopy(model.state_dict())
-    model.load_state_dict(best_state)
-    hist["test_mse"] = evaluate(model, data["test"])
-    return hist
-
-
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Train a plain EGNN on charged 5-body.")
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    torch.manual_seed(args.seed)
-    splits = {name: nbody_data.load_split(name) for name in nbody_data.SPLIT_SIZES}
-    result = train_egnn(EGNN(), splits, args.epochs, seed=args.seed)
-    print(f"val MSE per epoch: {[round(v, 5) for v in result['val_mse']]}")
-    print(f"best epoch {result['best_epoch']}, test MSE {result['test_mse']:.5f}, "
-          f"{result['epoch_time']:.2f} s/epoch (train pass)")
