@@ -200,7 +200,7 @@ def paired(a: list[float], b: list[float]) -> dict[str, Any]:
     d = torch.tensor(b, dtype=torch.float64) - torch.tensor(a, dtype=torch.float64)
     n, mean, sd = len(d), float(d.mean()), float(d.std())
     half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
-    return {"n": n, "mean": mean, "ci95": [mean - half, mean + half], "rel_mean": mean / (sum(a) / n),
+    return {"n": n, "mean": mean, "ci95": [mean - half, mean + half], "rel_mean": mean / (sum(a) / n) if sum(a) else None,
             "within_noise": mean - half <= 0.0 <= mean + half}
 
 

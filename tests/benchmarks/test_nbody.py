@@ -1,19 +1,19 @@
-"""Smoke tests of the relaxed EGNN and of the N-body benchmark script (benchmarks/nbody.py)."""
+"""Smoke tests of the relaxed EGNN and of the EGNN Table 2 runner (benchmarks/nbody/table2_egnn.py)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import egnn
-import nbody
-import nbody_data as nd
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 import recm_opt as recm
+from benchmarks.models import egnn
+from benchmarks.nbody import data as nd
+from benchmarks.nbody import table2_egnn as nbody
 
 TOL = 1e-9  # float64 round-off through 4 layers of O(1) activations
 

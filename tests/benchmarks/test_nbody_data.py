@@ -1,18 +1,16 @@
-"""Tests for the charged N-body data set and the plain EGNN (benchmarks/)."""
+"""Tests for the charged N-body data set and the plain EGNN."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
-
-import egnn  # noqa: E402
-import nbody_data as nd  # noqa: E402
+from benchmarks.models import egnn
+from benchmarks.nbody import data as nd
+from benchmarks.nbody.train import train_run
 
 N_TRAIN, N_TEST = 300, 200
 # Anchor window for 300 train / 200 test sims. Refitting c on 2000 random
@@ -131,8 +129,9 @@ def test_egnn_permutation_equivariance() -> None:
     torch.testing.assert_close(out_p, out[:, perm], rtol=0, atol=1e-9)
 
 
-def test_train_egnn_smoke(small: dict) -> None:
+def test_train_run_smoke(small: dict) -> None:
+    """With validation = test, the test MSE at the best epoch is the best validation MSE."""
     data = {"train": small["train"], "valid": small["test"], "test": small["test"]}
-    torch.manual_seed(0)
-    hist = egnn.train_egnn(egnn.EGNN(), data, epochs=1)
-    assert len(hist["val_mse"]) == 1 and hist["test_mse"] == pytest.approx(hist["val_mse"][0])
+    hist = train_run("egnn", "plain", data, epochs=1, seed=0)
+    assert len(hist["val_mse"]) == 1 and hist["test_at_best"] == pytest.approx(hist["val_mse"][0])
+    assert hist["test_final"] == pytest.approx(hist["val_mse"][0])
