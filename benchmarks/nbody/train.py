@@ -96,14 +96,29 @@ def build_model(arch: str, method: str, seed: int, charge_feature: bool = False,
 
 
 def make_optimizer(method: str, model: nn.Module, total_steps: int, lr: float,
-                   wd: float) -> torch.optim.Optimizer:
-    """Adam, RECM around Adam, or the library's triangle schedule around Adam."""
+                   wd: float, example: tuple[Tensor, ...] | None = None,
+                   es_reg_weight: float = 0.0) -> torch.optim.Optimizer:
+    """Adam, RECM around Adam, or the library's triangle schedule around Adam.
+
+    ``example`` is one batch of model inputs; RECM sizes each layer's ``r_theta`` from it.
+    ES runs schedule-only here (``es_reg_weight=0``): the library's Lie-derivative
+    regulariser acts on ``Vector`` inputs only, and SEGNN's are ``Irreps`` (a labelled departure).
+    """
     inner = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=wd)
     if method == "plain":
         return inner
     if method == "recm":
-        return recm.RECMOptimizer(inner, model, target=TARGET)
-    return recm.EquivarianceSchedule(inner, model, target=TARGET, total_steps=total_steps)
+        return recm.RECMOptimizer(inner, model, target=TARGET, example=example)
+    return recm.EquivarianceSchedule(inner, model, target=TARGET, total_steps=total_steps, example=example,
+                                     reg_weight=es_reg_weight)
+
+
+def example_inputs(model: nn.Module, data: dict[str, Tensor], charge_feature: bool = False) -> tuple[Tensor, ...]:
+    """The model inputs of the first training simulation (the ``example=`` batch)."""
+    dtype = next(model.parameters()).dtype
+    g = nd.batch_graphs(*(data[k][:1].to(dtype) for k in ("loc", "vel", "charges", "target")),
+                        charge_feature=charge_feature)
+    return g["h"], g["x"], g["v"], g["edge_index"], g["edge_attr"], g["batch"]
 
 
 def predict(model: nn.Module, data: dict[str, Tensor], idx: Tensor,
@@ -145,7 +160,8 @@ def train_run(arch: str, method: str, data: dict[str, dict[str, Tensor]], epochs
     model = build_model(arch, method, seed, charge_feature, **(model_kw or {}))
     n_train = data["train"]["loc"].shape[0]
     steps_per_epoch = -(-n_train // batch_size)
-    opt = make_optimizer(method, model, epochs * steps_per_epoch, lr, wd)
+    opt = make_optimizer(method, model, epochs * steps_per_epoch, lr, wd,
+                         example=example_inputs(model, data["train"], charge_feature))
     gen = torch.Generator().manual_seed(seed)
     out: dict[str, Any] = {"val_mse": [], "train_loss": [], "best_val": math.inf, "alpha_epochs": []}
     start = time.perf_counter()
