@@ -1,4 +1,4 @@
-"""GPU-only checks of issue 4 (AMP with GradScaler, fused AdamW, inductor without recompiles).
+"""GPU-only checks (AMP with GradScaler, fused AdamW, inductor without recompiles).
 
 Self-contained: a tiny tagged vector model, a few steps per check, a PASS/FAIL table,
 exit status 1 if any check fails (2 if no GPU). Runs in well under two minutes on one
