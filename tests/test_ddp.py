@@ -10,6 +10,7 @@ the step equals a single-process step on the concatenated batch.
 
 from __future__ import annotations
 
+import datetime
 import os
 from pathlib import Path
 
@@ -59,7 +60,9 @@ def result(model: TinyNet, opt: RECMOptimizer) -> dict[str, object]:
 
 def _worker(rank: int, init_file: str, out: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    # A timeout turns a stuck rendezvous or collective (seen once on a heavily loaded machine) into an error.
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=120))
     try:
         model = TinyNet()
         ddp = DistributedDataParallel(model)  # wrap first, then hand the wrapped model to RECMOptimizer
