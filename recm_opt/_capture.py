@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._coefficients import _in_functorch
 from ._device import _to_device
 from ._layers import _Layer
 from .groups import Group
@@ -61,7 +62,8 @@ class Capture:
         index: multi-index of the kept units per unit axis (``None``: every unit, row-major).
         units: the number of units the forward had (its weight in the step's mean).
         pairing: id of the ``observe``/``pair`` that gave the target; ``None`` while unpaired.
-        sample: the stacked ``(1 + k, S, d)`` sample, once paired.
+        target: the target's representation, kept rows ``(S, *features)`` and feature shape,
+            once paired (``None`` without a target).
         backed: whether a backward has run through this forward.
         task: the autograd graph task of that backward.
         nested: captured by reentrant checkpointing's recomputation, whose backward is a
@@ -74,7 +76,7 @@ class Capture:
     index: dict[str, Tensor] | None
     units: int
     pairing: int | None = None
-    sample: Tensor | None = None
+    target: tuple[Representation, Tensor, tuple[int, ...]] | None = None
     backed: bool = False
     task: int = -1
     nested: bool = False
@@ -144,14 +146,13 @@ class CaptureBook:
         self.generators = group.generators()
         self.rng = torch.Generator().manual_seed(seed)
         self.records: list[Capture] = []
-        self.pending_rebuild: list[_Layer] = []
         self._open: dict[int, Capture | None] = {}
         self._bound: list[tuple[int, Tensor]] = []  # targets bound by pair(), innermost last
         self._pairings = 0
         self._paused = False
         self._matrices: dict[tuple, tuple[Representation, Tensor]] = {}
+        self._index: dict[tuple, dict[str, Tensor]] = {}  # unit subsample per grid, shared until the next pairing
         self._checked: set[tuple] = set()
-        self.rebuild: Any = None  # set by the optimizer: rebuilds batched coefficients after a load
         self._keep: list[Representation] = []  # representations whose id() keys a cache stay alive
         if target is None or isinstance(target, Undeclared):
             self._target_width = 0 if target is None else 1
@@ -186,9 +187,6 @@ class CaptureBook:
             return
         else:
             nested = False
-        if self.pending_rebuild and self.rebuild is not None:  # first training forward after a load
-            self.rebuild(self.pending_rebuild)
-            self.pending_rebuild = []
         capture = self._capture(layer, args, kwargs)
         if capture is None:  # a batch without units: nothing to learn from
             return
@@ -217,6 +215,10 @@ class CaptureBook:
             layer.dropped += 1
 
     def _capture(self, layer: _Layer, args: tuple, kwargs: dict) -> Capture | None:
+        with torch.no_grad():  # views and the gather, without autograd's bookkeeping
+            return self._record(layer, args, kwargs)
+
+    def _record(self, layer: _Layer, args: tuple, kwargs: dict) -> Capture | None:
         views = []
         for name, rep in layer.tag.inputs.items():
             pos = layer.positions[name]
@@ -226,7 +228,7 @@ class CaptureBook:
                 raise ValueError(f"{where}: a declared input must be a tensor in every training forward, got "
                                  f"{type(x).__name__} (r_theta's input width is fixed; leave optional inputs "
                                  "out of the declaration)")
-            v, units = rep.unit_view(x.detach(), where)
+            v, units = rep.unit_view(x, where)
             if rep.axis is not None:
                 self.check_group(rep, v.shape[rep._axis_dim()], where)
             views.append((rep, v, units, where))
@@ -238,24 +240,31 @@ class CaptureBook:
         total = math.prod(grid.values())
         if total == 0:
             return None
-        index = None
-        if total > self.max_units:
-            idx = torch.randperm(total, generator=self.rng)[: self.max_units]
-            index = dict(zip(grid, _to_device(_unravel(idx, tuple(grid.values())), views[0][1].device).unbind()))
+        index = None if total <= self.max_units else self._shared_index(grid, total, views[0][1].device)
         parts = []
+        width = self.target_width(layer)
         for rep, v, units, where in views:
             rows = _rows(v, units, grid, index)
             if not rows.is_floating_point():
                 rows = rows.to(torch.get_default_dtype())
             feat = tuple(v.shape[len(units):])
             self._check_action(rep, rows, feat, where)
-            parts.append((rep, rows.reshape(rows.shape[0], -1) if rows.dim() > 1 else rows[:, None], feat))
-        width = sum(p[1].shape[1] for p in parts) + self.target_width(layer)
+            parts.append((rep, rows, feat))
+            width += math.prod(feat)
         if width != layer.mod.in_features:
             raise ValueError(f"layer {layer.name!r}: this forward gives r_theta {width} features per unit "
                              f"(inputs {[tuple(p[2]) for p in parts]} and the target), but it was built for "
                              f"{layer.mod.in_features}; every training forward must have the same feature sizes")
         return Capture(layer, parts, grid, index, total)
+
+    def _shared_index(self, grid: dict[str, int], total: int, device: torch.device) -> dict[str, Tensor]:
+        """The kept units for ``grid``: drawn once, shared by every layer until the next pairing."""
+        key = (tuple(grid.items()), device)
+        index = self._index.get(key)
+        if index is None:
+            idx = torch.randperm(total, generator=self.rng)[: self.max_units]
+            index = self._index[key] = dict(zip(grid, _to_device(_unravel(idx, tuple(grid.values())), device).unbind()))
+        return index
 
     def target_width(self, layer: _Layer | None = None) -> int:
         """The features per unit that the target adds to ``r_theta``'s input."""
@@ -265,7 +274,7 @@ class CaptureBook:
         key = (id(rep), feat)
         if key in self._checked:
             return
-        x = rows[:2].reshape(-1, *feat) if feat else rows[:2]
+        x = rows[:2]
         rep.check_action(self.group, self.generators, x.to(torch.get_default_dtype()) if not x.is_floating_point()
                          else x, where)
         self._checked.add(key)
@@ -301,6 +310,7 @@ class CaptureBook:
         Called before it (Lightning's ``training_step``), every unpaired capture is paired.
         """
         self._pairings += 1
+        self._index.clear()  # the next forward draws its own units
         waiting = [c for c in self.records if c.pairing is None]
         backed = [c for c in waiting if c.backed]
         self._pair(backed or waiting, target, self._pairings)
@@ -309,6 +319,7 @@ class CaptureBook:
     def bind(self, target: Tensor) -> Iterator[None]:
         """Pair the captures of the forwards inside the block with ``target``."""
         self._pairings += 1
+        self._index.clear()
         self._bound.append((self._pairings, target))
         try:
             yield
@@ -316,28 +327,30 @@ class CaptureBook:
             self._bound.pop()
 
     def _pair(self, captures: list[Capture], target: Tensor | None, pairing: int) -> None:
-        """Pair captures with ``target``; all samples are built first, so an error changes nothing.
+        """Pair captures with ``target``; every target is checked first, so an error changes nothing.
 
         The newest capture of each layer is the forward the target belongs to: a mismatch
         there is an error. An older capture that does not fit is another forward (one that
         raised, or another model's): without a backward it is dropped, with one it is an error.
+        Only the target's kept rows are taken here; the samples are built, for all layers
+        at once, by :meth:`batches` at the step.
         """
-        cache: dict[int, tuple[Tensor, dict[str, int]]] = {}
+        cache: dict[Any, Any] = {}
         newest = {id(c.layer): c for c in captures}
-        samples: list[Tensor | None] = []
+        targets: list[Any] = []
         for c in captures:
             try:
-                samples.append(self._sample(c, target, cache))
+                targets.append(self._paired_target(c, target, cache) if target is not None else None)
             except ValueError:
                 if c.backed or newest[id(c.layer)] is c:
                     raise
-                samples.append(None)
-        for c, s in zip(captures, samples):
-            if s is None:
+                targets.append(False)
+        for c, t in zip(captures, targets):
+            if t is False:
                 self.records.remove(c)
                 c.layer.dropped += 1
             else:
-                c.sample, c.pairing = s, pairing
+                c.target, c.pairing = t, pairing
 
     def _target_view(self, c: Capture, target: Tensor, cache: dict) -> tuple[Representation, Tensor, dict[str, int]]:
         rep = self.target
@@ -358,24 +371,64 @@ class CaptureBook:
                              f"the layer's input units {c.grid}")
         return rep, v, units
 
-    def _sample(self, c: Capture, target: Tensor | None, cache: dict) -> Tensor:
-        parts = [(rows, self._act(rep, rows.reshape(rows.shape[0], *feat) if feat else rows[:, 0]))
-                 for rep, rows, feat in c.parts]
-        if target is not None:
-            rep, v, units = self._target_view(c, target, cache)
-            rows = _rows(v, units, c.grid, c.index)
+    def _paired_target(self, c: Capture, target: Tensor, cache: dict) -> tuple[Representation, Tensor, tuple]:
+        """The target's rows for capture ``c`` (shared by captures with the same units and subsample)."""
+        rep, v, units = self._target_view(c, target, cache)
+        key = (id(rep), tuple(c.grid.items()), id(c.index))
+        if key not in cache:
+            rows = _rows(v.detach(), units, c.grid, c.index)
             if not rows.is_floating_point():
                 rows = rows.to(torch.get_default_dtype())
             feat = tuple(v.shape[len(units):])
-            flat = rows.reshape(rows.shape[0], -1) if rows.dim() > 1 else rows[:, None]
-            if flat.shape[1] != self.target_width(c.layer):
-                raise ValueError(f"layer {c.layer.name!r}, target: {flat.shape[1]} features per unit, but "
+            if math.prod(feat) != self.target_width(c.layer):
+                raise ValueError(f"layer {c.layer.name!r}, target: {math.prod(feat)} features per unit, but "
                                  f"{self.target!r} declares {self.target_width(c.layer)}")
-            parts.append((flat, self._act(rep, rows.reshape(rows.shape[0], *feat) if feat else rows)))
-        ids = torch.cat([p[0] for p in parts], -1)
-        moved = torch.cat([m.reshape(m.shape[0], m.shape[1], -1) for _, m in parts], -1)
-        # (1 + k, S, d): the identity copy, then each generator's; features in input order, target last
-        return torch.cat([ids[None], moved.to(ids.dtype)])
+            cache[key] = (rep, rows, feat)
+        return cache[key]
+
+    def batches(self, captures: list[Capture]) -> list[tuple[list[Capture], Tensor]]:
+        """The captures' stacked samples, one batch per shape: ``(n, 1 + |C_G|, S, d)``.
+
+        Per capture: the kept units, then their copies under every generator; features
+        in input order, the target last. Captures whose inputs and target have the same
+        representations and shapes are stacked, so each representation acts once per batch.
+        With ``foreach`` False (:meth:`batches_per_capture`) each capture is its own batch.
+        """
+        groups: dict[tuple, list[Capture]] = {}
+        for c in captures:
+            key = (tuple((id(rep), tuple(rows.shape), rows.dtype, rows.device) for rep, rows, _ in c.parts),
+                   None if c.target is None else (id(c.target[0]), tuple(c.target[1].shape), c.target[1].dtype))
+            groups.setdefault(key, []).append(c)
+        return [(cs, self._stack(cs)) for cs in groups.values()]
+
+    def batches_per_capture(self, captures: list[Capture]) -> list[tuple[list[Capture], Tensor]]:
+        """:meth:`batches` with one capture per batch (the per-layer reference)."""
+        return [([c], self._stack([c])) for c in captures]
+
+    def _stack(self, cs: list[Capture]) -> Tensor:
+        n, first = len(cs), cs[0]
+        blocks = []  # per part: (identity rows (n, S, f), copies (k, n, S, f))
+        for j, (rep, rows, feat) in enumerate(first.parts):
+            x = rows[None] if n == 1 else torch.stack([c.parts[j][1] for c in cs])
+            blocks.append(self._block(rep, x, feat))
+        if first.target is not None:
+            rep, rows, feat = first.target
+            if all(c.target is not None and c.target[1] is rows for c in cs):  # one target for all: act once
+                ids, moved = self._block(rep, rows[None], feat)
+                blocks.append((ids.expand(n, -1, -1), moved.expand(-1, n, -1, -1)))
+            else:
+                x = torch.stack([c.target[1] for c in cs])  # type: ignore[index]
+                blocks.append(self._block(rep, x, feat))
+        dtype = blocks[0][0].dtype
+        ids = torch.cat([b[0].to(dtype) for b in blocks], -1) if len(blocks) > 1 else blocks[0][0]
+        moved = torch.cat([b[1].to(dtype) for b in blocks], -1) if len(blocks) > 1 else blocks[0][1]
+        return torch.cat([ids[:, None], moved.transpose(0, 1)], 1)
+
+    def _block(self, rep: Representation, x: Tensor, feat: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+        """Identity rows ``(n, S, f)`` and copies ``(k, n, S, f)`` of stacked rows ``x`` ``(n, S, *feat)``."""
+        n, s = x.shape[0], x.shape[1]
+        moved = self._act(rep, x.reshape(n * s, *feat))
+        return x.reshape(n, s, -1), moved.reshape(moved.shape[0], n, s, -1)
 
     def _act(self, rep: Representation, x: Tensor) -> Tensor:
         """``rep.act`` over the generators; the default action's matrices are built and moved once."""
@@ -385,11 +438,13 @@ class CaptureBook:
         key = (id(rep), x.shape[d], x.dtype, x.device)
         if key not in self._matrices:  # keep rep alive with its matrices, so that id(rep) stays unique
             D = rep.matrices(self.group, self.generators, x.shape[d]).to(dtype=x.dtype, device=x.device)
-            self._matrices[key] = (rep, D)
-        D, xm = self._matrices[key][1], x.movedim(d, -1)
-        # x' = x @ D(g).T for every g: one (k f, f) x (f, rows) matmul, cheaper than einsum's dispatch
-        out = torch.matmul(D, xm.reshape(-1, xm.shape[-1]).mT).mT
-        return out.reshape(len(D), *xm.shape).movedim(-1, d)
+            self._matrices[key] = (rep, D.mT.contiguous())
+        DT = self._matrices[key][1]
+        xm = x if d == -1 else x.movedim(d, -1)
+        # x' = x @ D(g).T for every g: one batched matmul over the generators, its output contiguous
+        rows = xm.reshape(-1, xm.shape[-1])
+        out = torch.bmm(rows.expand(len(DT), *rows.shape), DT).view(len(DT), *xm.shape)
+        return out if d == -1 else out.movedim(-1, d)
 
     # ----------------------------------------------------------------- step
     def check(self) -> None:
@@ -423,7 +478,7 @@ class CaptureBook:
         """Remove every capture; return the paired, backed ones by layer. The others are counted as dropped."""
         used: dict[_Layer, list[Capture]] = {}
         for c in self.records:
-            if c.backed and c.pairing is not None and c.sample is not None:
+            if c.backed and c.pairing is not None:
                 used.setdefault(c.layer, []).append(c)
             else:
                 c.layer.dropped += 1
@@ -438,12 +493,8 @@ class CaptureBook:
     def clear(self) -> None:
         """Forget every capture."""
         self.records = []
+        self._index.clear()
         self._open.clear()
-
-
-def _in_functorch() -> bool:
-    peek = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
-    return peek is not None and peek() is not None
 
 
 def undeclared_message(target: Tensor) -> str:
@@ -482,6 +533,9 @@ def _all_units(v: Tensor, units: dict[str, int], grid: dict[str, int]) -> Tensor
     axes that ``v`` lacks are broadcast (a per-sample target over the sample's points).
     """
     names, feat = list(units), v.shape[len(units):]
+    if names == list(grid):  # the usual case: the grid's own axes, in order (no permute, no broadcast)
+        # (called under no_grad: the rows do not require grad, and they alias the input)
+        return v if len(names) == 1 else v.reshape(-1, *feat)
     v = v.permute(*[names.index(u) for u in grid if u in units], *range(len(units), v.dim()))
     shape = [grid[u] if u in units else 1 for u in grid]
     return v.reshape(*shape, *feat).expand(*grid.values(), *feat).reshape(-1, *feat)

@@ -3,7 +3,7 @@
 ``h``, ``t``, ``gamma_t`` and the modulation's parameters live in ``model.state_dict()``.
 The optimizer's ``state_dict`` adds, per layer, what only a resumed run needs: the
 newest sample (the gradient path into theta of the next forward), the counters, the
-private generator's state and whether the next forward's coefficients were batched.
+private generator's state.
 Each layer's entry sits, as ``recm_*`` keys, inside the inner state of that layer's
 ``w_beta`` (the standard ``{state, param_groups}`` shape that distributed checkpointing
 expects) and names its layer, so that entries are matched by name, never by position.
@@ -40,8 +40,7 @@ def layer_entries(layers: list[_Layer], skipped_steps: int, rng: torch.Generator
         newest = mod.newest if mod.newest is not None else torch.zeros(0)
         out[layer] = {"recm_layer": layer.name, "recm_newest": newest.clone(),
                       "recm_skipped": torch.tensor(layer.skipped), "recm_dropped": torch.tensor(layer.dropped),
-                      "recm_skipped_steps": torch.tensor(skipped_steps), "recm_rng": rng.get_state(),
-                      "recm_batched": torch.tensor(_has_precomputed(mod))}
+                      "recm_skipped_steps": torch.tensor(skipped_steps), "recm_rng": rng.get_state()}
     return out
 
 
@@ -171,15 +170,6 @@ def load_inner(inner: Optimizer, param_groups: list[dict[str, Any]], state: Any,
     state.clear()
     state.update(inner.state)
     inner.param_groups, inner.state = param_groups, state
-
-
-def _has_precomputed(mod: Modulation) -> bool:
-    """Whether ``mod``'s next training forward would use coefficients precomputed by ``step()``."""
-    pre = getattr(mod, "_precomputed", None)
-    if pre is None:
-        return False
-    with torch.enable_grad():
-        return pre.get(mod) is not None
 
 
 def check_model(model: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:

@@ -33,6 +33,11 @@ def _nonfinite_probes(samples: list[Tensor]) -> list[Tensor]:
     return [s.mul(0).sum() for s in samples]
 
 
+def _finite_rows(x: Tensor) -> Tensor:
+    """``(n,)``: whether each row ``x[i]`` is free of NaN/Inf, in a fixed number of kernels for any ``n``."""
+    return x.reshape(x.shape[0], -1).mul(0).sum(1) == 0  # 0 * finite = 0 exactly; 0 * inf, 0 * nan are NaN
+
+
 def _isfinite_each(xs: list[Tensor]) -> Tensor:
     """``isfinite`` of 0-d tensors as one bool vector (stacked per dtype, so nothing is rounded)."""
     if all(x.dtype == xs[0].dtype and x.device == xs[0].device for x in xs):
@@ -45,7 +50,7 @@ def _host_flags(pieces: list[Tensor]) -> list[bool]:
     if not pieces:
         return []
     if all(p.device == pieces[0].device for p in pieces):
-        return torch.cat([p.reshape(-1) for p in pieces]).tolist()
+        return torch.cat([p if p.dim() == 1 else p.reshape(-1) for p in pieces]).tolist()
     return [bool(b) for p in pieces for b in p.reshape(-1).tolist()]
 
 

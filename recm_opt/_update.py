@@ -18,13 +18,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import modulation
-from ._device import _host_flags, _isfinite_each, _nonfinite_probes, _to_device
-from ._distributed import all_reduce_mean
+from ._device import _host_flags
+from ._distributed import _distributed, all_reduce_mean
 from ._layers import _Layer
 from .modulation import _foreach_commit, _stacked_alpha, _stacked_r_theta, is_standard
 
 Samples = list[tuple[Tensor, int]]  # (stacked sample (1 + k, S, d), units it stands for)
+Split = tuple[list[tuple[list[_Layer], Tensor]], list[tuple[_Layer, Samples]]]  # batched groups, per-layer samples
 
 
 def l_mean(layer: _Layer, samples: Samples) -> Tensor:
@@ -42,68 +42,37 @@ def _weights(samples: Samples) -> Tensor:
     return weights / weights.sum()
 
 
-def stacked_l_mean(items: list[tuple[_Layer, Samples]], with_grad: bool = False
-                   ) -> tuple[list[Tensor], Tensor, Tensor]:
-    """:func:`l_mean` of layers whose samples have equal shapes, in one ``r_theta`` call.
+def _mod_key(layer: _Layer) -> tuple | None:
+    """Layers with equal keys share one batched ``r_theta`` call and commit; ``None``: per layer."""
+    mod = layer.mod
+    if not is_standard(mod):
+        return None
+    return (mod.w_beta.dtype, mod.h.device, tuple(mod.h.shape), tuple(mod.w_alpha.shape),
+            tuple(mod.r_theta[0].weight.shape), tuple(mod.r_theta[2].weight.shape))
 
-    Returns:
-        Each layer's l (no grad), the stacked samples ``(G, 1 + k, R, d)`` and their
-        ``r_theta`` output ``(G, 1 + k, R, m)``, with grad if ``with_grad``.
-    """
-    mods = [layer.mod for layer, _ in items]
-    dtype = mods[0].w_beta.dtype
-    rows = [s[0][0] if len(s) == 1 else torch.cat([t for t, _ in s], 1) for _, s in items]
-    x = (rows[0][None] if len(rows) == 1 else torch.stack(rows)).to(dtype)  # (G, 1 + k, R, d)
+
+def stacked_l(layers: list[_Layer], x: Tensor) -> Tensor:
+    """``l_theta`` of G layers with equal keys, one capture each: ``x`` is ``(G, 1 + k, S, d)``, returns ``(G, m)``."""
     g, c, r, d = x.shape
-    with torch.set_grad_enabled(with_grad):
-        flat = x.reshape(g, c * r, d)
-        out = (mods[0].r_theta(flat) if g == 1 else _stacked_r_theta(mods, flat)).reshape(g, c, r, -1)
-    diff = out.detach()[:, 0] - out.detach()[:, 1:].mean(1)
-    if all(len(s) == 1 for _, s in items):  # one capture each: equal weights 1/S, a scalar
-        return list((diff * (1.0 / r)).sum(1).unbind()), x, out
-    weights = _to_device(torch.stack([_weights(s) for _, s in items]).to(dtype), x.device)
-    return list((weights[..., None] * diff).sum(1).unbind()), x, out
+    flat = x.reshape(g, c * r, d)
+    mods = [layer.mod for layer in layers]
+    out = (mods[0].r_theta(flat) if g == 1 else _stacked_r_theta(mods, flat)).reshape(g, c, r, -1)
+    # the mean over units as a sum times 1/S, as l_mean weighs one capture's rows
+    return ((out[:, 0] - out[:, 1:].mean(1)) * (1.0 / r)).sum(1)
 
 
-Stacked = list[tuple[list[_Layer], Tensor, Tensor]]
+def l_means(items: list[tuple[_Layer, Samples]]) -> list[Tensor]:
+    """Each layer's ``l_theta`` from its samples (per layer, :func:`l_mean`)."""
+    return [l_mean(layer, samples) for layer, samples in items]
 
 
-def l_means(items: list[tuple[_Layer, Samples]]) -> tuple[list[Tensor], Stacked]:
-    """Each layer's ``l_theta``, and the stacked groups of single captures (with grad).
-
-    Standard modulations whose samples have equal shapes share one batched ``r_theta``
-    call; a group of single captures keeps its stacked sample and ``r_theta`` output:
-    they become ``newest`` and the next forward's coefficients.
-    """
-    out: list[Tensor | None] = [None] * len(items)
-    stacked: Stacked = []
-    groups: dict[tuple, list[int]] = {}
-    for i, (layer, samples) in enumerate(items):
-        mod = layer.mod
-        if not is_standard(mod):
-            out[i] = l_mean(layer, samples)
-            continue
-        first = samples[0][0]
-        key = (tuple(s.shape[1] for s, _ in samples), first.shape[0], first.shape[2], first.device,
-               mod.w_beta.dtype, mod.r_theta[0].weight.shape, mod.r_theta[2].weight.shape)
-        groups.setdefault(key, []).append(i)
-    for key, idx in groups.items():
-        group = [items[i] for i in idx]
-        ls, x, r = stacked_l_mean(group, with_grad=modulation.PRECOMPUTE and len(key[0]) == 1)
-        for i, l in zip(idx, ls):
-            out[i] = l
-        if len(key[0]) == 1:
-            stacked.append(([layer for layer, _ in group], x, r))
-    return [l for l in out if l is not None], stacked
-
-
-def commit(pending: list[tuple[_Layer, Tensor]], a: float, b: float) -> list[Tensor]:
+def commit(pending: list[tuple[_Layer, Tensor]], a: float, b: float, foreach: bool = True) -> list[Tensor]:
     """Commit each layer's l into its h; return a bool tensor per layer, True where h was updated."""
     ok: list[Tensor | None] = [None] * len(pending)
     groups: dict[tuple, list[int]] = {}
     for i, (layer, l) in enumerate(pending):
         mod = layer.mod
-        if is_standard(mod) and l.shape == mod.h.shape and l.device == mod.h.device:
+        if foreach and is_standard(mod) and l.shape == mod.h.shape and l.device == mod.h.device:
             groups.setdefault((mod.h.dtype, mod.h.device, l.dtype), []).append(i)
             continue
         finite = bool(torch.isfinite(l).all())  # the per-layer reference: one host sync each
@@ -129,13 +98,13 @@ def newest(layer: _Layer, samples: Samples, max_units: int, rng: torch.Generator
     return sample
 
 
-def live_flags(layers: list[_Layer], prune_eps: float) -> list[Tensor]:
+def live_flags(layers: list[_Layer], prune_eps: float, foreach: bool = True) -> list[Tensor]:
     """``|alpha_i| >= prune_eps`` for every layer's terms, in layer order, still on the device."""
     slots: list[Tensor | None] = [None] * len(layers)
     groups: dict[tuple, list[int]] = {}
     for i, layer in enumerate(layers):
         mod = layer.mod
-        if is_standard(mod):
+        if foreach and is_standard(mod):
             groups.setdefault((mod.h.dtype, mod.h.device, mod.h.shape), []).append(i)
         else:
             slots[i] = mod.coefficients()[0].abs() >= prune_eps
@@ -154,83 +123,105 @@ def apply_live(layers: list[_Layer], flags: list[bool]) -> None:
         layer.mod.live, flags = tuple(flags[:k]), flags[k:]
 
 
-def rebuild_precomputed(layers: list[_Layer]) -> None:
-    """Rebuild the batched training coefficients a saved run held for its next forward.
+def split(batches: list[tuple[list[Any], Tensor]], finite: list[bool], foreach: bool) -> Split:
+    """Sort the step's stacked samples into batched groups and per-layer samples.
 
-    ``step()`` leaves each layer's next-forward ``(alpha, beta)`` computed in one batched
-    graph (:func:`~recm_opt.modulation._stacked_coefficients`); a freshly loaded optimizer
-    would compute them per layer, which rounds differently. They are a function of the
-    restored state, so the same code path as in ``step()`` (:func:`l_means` on the newest
-    samples, grouped alike) rebuilds them bit for bit, and a resumed run continues exactly.
+    A sample with NaN/Inf (``finite`` is False) is counted and left out. Layers with one
+    capture whose modulations share a key keep their samples stacked, ``(G, 1 + k, S, d)``,
+    for one batched update; layers with several captures (gradient accumulation), other
+    modulations, and everything when ``foreach`` is False, take the per-layer path.
+
+    Returns:
+        The batched groups ``(layers, samples)`` and the per-layer ``(layer, samples)``, in layer order.
     """
-    if not modulation.PRECOMPUTE:
-        return
-    items = [(layer, [(layer.mod.newest, layer.mod.newest.shape[1])]) for layer in layers
-             if layer.mod.newest is not None]
-    if not items:
-        return
-    _, stacked = l_means(items)
-    for group, x, r in stacked:
-        if r.requires_grad:
-            for layer, sample in zip(group, x.unbind()):
-                layer.mod.newest = sample
-            modulation._stacked_coefficients([layer.mod for layer in group], r)
+    flags = iter(finite)
+    good: list[tuple[list[Any], Tensor, list[int]]] = []
+    count: dict[_Layer, int] = {}
+    for captures, x in batches:
+        keep = []
+        for i, c in enumerate(captures):
+            if next(flags):
+                keep.append(i)
+                count[c.layer] = count.get(c.layer, 0) + 1
+            else:
+                c.layer.skipped += 1
+        good.append((captures, x, keep))
+    groups: list[tuple[list[_Layer], Tensor]] = []
+    per_layer: dict[_Layer, Samples] = {}
+    for captures, x, keep in good:
+        by_key: dict[tuple, list[int]] = {}
+        rows: tuple[Tensor, ...] | None = None
+        for i in keep:
+            layer = captures[i].layer
+            key = _mod_key(layer) if foreach and count[layer] == 1 else None
+            if key is not None:
+                by_key.setdefault(key, []).append(i)
+                continue
+            rows = x.unbind(0) if rows is None else rows
+            per_layer.setdefault(layer, []).append((rows[i], captures[i].units))
+        for key, idx in by_key.items():
+            dtype = key[0]
+            xs = x if len(idx) == len(captures) else x[torch.tensor(idx, device=x.device)]
+            groups.append(([captures[i].layer for i in idx], xs.to(dtype)))
+    return groups, list(per_layer.items())
 
 
-def finite_samples(layers: list[_Layer], captures: dict[_Layer, list[Any]]) -> list[tuple[_Layer, Samples]]:
-    """The captures' samples by layer, in layer order; a sample with NaN/Inf is counted and left out."""
-    flat = [(layer, c) for layer in layers for c in captures.get(layer, [])]
-    if not flat:
-        return []
-    # One host sync for every sample, not one per layer: a NaN/Inf batch never reaches h.
-    finite = _host_flags([_isfinite_each(_nonfinite_probes([c.sample for _, c in flat]))])
-    out: dict[_Layer, Samples] = {}
-    for (layer, c), ok in zip(flat, finite):
-        if ok:
-            out.setdefault(layer, []).append((c.sample, c.units))
-        else:
-            layer.skipped += 1
-    return list(out.items())
+def update_states(layers: list[_Layer], groups: list[tuple[list[_Layer], Tensor]],
+                  items: list[tuple[_Layer, Samples]], *, a: float, b: float, prune_eps: float, max_units: int,
+                  rng: torch.Generator, any_grad: Callable[[], bool], foreach: bool = True) -> list[Tensor]:
+    """One step's h update of every layer, from the batched ``groups`` and per-layer ``items`` (see :func:`split`).
 
+    ``l_theta`` per layer (one ``r_theta`` call per batched group), averaged over DDP
+    ranks, committed into ``h`` (a non-finite ``l`` leaves ``h`` unchanged and is
+    counted), the step's sample kept as the newest term, and the kept/pruned flags
+    refreshed; one host sync in all.
 
-def update_states(layers: list[_Layer], items: list[tuple[_Layer, Samples]], *, a: float, b: float,
-                  prune_eps: float, max_units: int, rng: torch.Generator, any_grad: Callable[[], bool]) -> None:
-    """One step's h update of every layer, from ``items`` (``(layer, samples)`` in layer order).
-
-    ``l_theta`` per layer (batched where possible), averaged over DDP ranks, committed into
-    ``h`` (a non-finite ``l`` leaves ``h`` unchanged and is counted), the newest sample kept
-    for the next forward, and the kept/pruned flags refreshed; one host sync in all.
+    Returns:
+        The stacked samples of the batched groups whose every layer took its row as ``newest``.
     """
-    have = {layer for layer, _ in items}
+    have = {layer for layer, _ in items} | {layer for group, _ in groups for layer in group}
     for layer in layers:
-        if layer not in have and not layer.warned and (items or any_grad()):
+        if layer not in have and not layer.warned and (have or any_grad()):
             why = ("ran in training mode, but no backward went through it since the last step (does its output "
                    "reach the loss?)" if layer.ran_unbacked else "did not run in training mode since the last step")
             warnings.warn(f"layer {layer.name!r} {why}; its h is unchanged", stacklevel=4)
             layer.warned = True
         layer.ran_unbacked = False
-    ls, stacked = l_means(items)
-    index = {layer: i for i, layer in enumerate(layers)}
-    full: list[Tensor | None] = [None] * len(layers)
-    for (layer, _), l in zip(items, ls):
-        full[index[layer]] = l
-    full = all_reduce_mean(full)  # DDP: the same l on every rank
-    pending = [(layer, l) for layer, l in zip(layers, full) if l is not None]
-    committed = commit(pending, a, b)  # decided on the device: a non-finite l leaves h unchanged
-    flags = _host_flags(committed + live_flags(layers, prune_eps))  # one host sync for the whole update
-    ok = {layer: f for (layer, _), f in zip(pending, flags)}
-    done = set()
-    for group, x, r in stacked:  # newest = this step's sample, already stacked and passed through r_theta
-        if r.requires_grad and all(ok.get(layer) for layer in group) \
-                and all(layer.mod.beta_fn is group[0].mod.beta_fn for layer in group):
-            for layer, sample in zip(group, x.unbind()):
+    with torch.no_grad():
+        group_ls = [stacked_l(group, x) for group, x in groups]
+        ls = l_means(items)
+    if _distributed():  # DDP: the same l on every rank, averaged over the ranks that captured each layer
+        index = {layer: i for i, layer in enumerate(layers)}
+        full: list[Tensor | None] = [None] * len(layers)
+        for (group, _), gl in zip(groups, group_ls):
+            for layer, l in zip(group, gl.unbind(0)):
+                full[index[layer]] = l
+        for (layer, _), l in zip(items, ls):
+            full[index[layer]] = l
+        full = all_reduce_mean(full)
+        group_ls = [torch.stack([full[index[layer]] for layer in group]) for group, _ in groups]
+        ls = [full[index[layer]] for layer, _ in items]
+    committed = [_foreach_commit([layer.mod for layer in group], gl, a, b) for (group, _), gl in zip(groups, group_ls)]
+    committed += commit([(layer, l) for (layer, _), l in zip(items, ls)], a, b, foreach)
+    # one host sync for the whole update: which layers committed, and which terms are kept
+    flags = _host_flags(committed + live_flags(layers, prune_eps, foreach))
+    done = sum(len(group) for group, _ in groups) + len(items)
+    ok = iter(flags[:done])
+    stacked = []
+    for group, x in groups:
+        took = True
+        for layer, sample, f in zip(group, x.unbind(0), ok):
+            if f:
                 layer.mod.newest = sample
-                done.add(layer)
-            modulation._stacked_coefficients([layer.mod for layer in group], r)
-    samples = dict(items)
-    for (layer, _), f in zip(pending, flags):
-        if not f:
+            else:
+                layer.skipped += 1
+                took = False
+        if took:
+            stacked.append(x)
+    for (layer, samples), f in zip(items, ok):
+        if f:
+            layer.mod.newest = newest(layer, samples, max_units, rng)
+        else:
             layer.skipped += 1
-        elif layer in samples and layer not in done:
-            layer.mod.newest = newest(layer, samples[layer], max_units, rng)
-    apply_live(layers, flags[len(pending):])
+    apply_live(layers, flags[done:])
+    return stacked

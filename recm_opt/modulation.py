@@ -105,47 +105,10 @@ def _foreach_project_norm_(tensors: Sequence[Tensor], radius: float, rows: bool 
             n = torch.cat(list(xs)).norm(dim=1, keepdim=True)
         else:
             n = torch.stack(torch._foreach_norm(xs))
-        scale = torch.nan_to_num(torch.where(n > radius, _inside(radius, n) / n, torch.ones_like(n)), nan=0.0)
+        # n > radius is False for a NaN norm (kept) and r / inf = 0 for an infinite one (reset to 0)
+        scale = torch.where(n > radius, _inside(radius, n) / n, 1.0)
         parts = scale.split([x.shape[0] for x in xs]) if rows else scale.unbind()
         torch._foreach_mul_(xs, list(parts))
-
-
-class _Precomputed:
-    """A layer's training-forward ``(alpha, beta)``, built with their graph at step time.
-
-    Valid while nothing they depend on has changed (version counters and storage of
-    ``h``, ``gamma_t``, ``w_alpha``, ``w_beta`` and ``r_theta``; identity of ``newest``)
-    and no backward has run through their graph (the graph is then freed). Otherwise,
-    and inside backward (checkpoint recomputation), under ``torch.compile`` or without
-    grad, the forward computes them per layer. Deep copies and pickles drop it: a
-    graph cannot be copied (``AveragedModel`` deep-copies the model).
-    """
-
-    __slots__ = ("graph", "newest", "token", "value")
-
-    def __init__(self, value: tuple[Tensor, Tensor] | None = None, newest: Tensor | None = None,
-                 tensors: Sequence[Tensor] = (), graph: dict[str, bool] | None = None) -> None:
-        self.value, self.newest, self.graph = value, newest, graph
-        self.token = tuple((t, t._version, t.data_ptr()) for t in tensors)
-
-    def get(self, mod: Modulation) -> tuple[Tensor, Tensor] | None:
-        """The stored ``(alpha, beta)`` if still valid for ``mod``'s next training forward."""
-        if self.value is None or self.graph is None or not self.graph["live"] or mod.newest is not self.newest:
-            return None
-        # Non-reentrant checkpoint recomputation must replay the forward exactly (same saved
-        # tensors), so it reuses the values; reentrant recomputation runs its own backward,
-        # which must not free the graph that the other layers share.
-        if not torch.is_grad_enabled() or _in_reentrant_recompute() or torch.compiler.is_compiling():
-            return None
-        if any(t._version != v or t.data_ptr() != ptr for t, v, ptr in self.token):
-            return None
-        return self.value
-
-    def __deepcopy__(self, memo: dict) -> _Precomputed:
-        return _Precomputed()
-
-    def __reduce__(self) -> tuple:
-        return (_Precomputed, ())
 
 
 def _in_backward() -> bool:
@@ -274,7 +237,6 @@ class Modulation(nn.Module):
         w = torch.randn(len(self.terms), state_dim, generator=g) / math.sqrt(state_dim)
         self.w_alpha = nn.Parameter(w / w.norm(dim=1, keepdim=True).clamp(min=1.0))
         self._init_state(state_dim, beta_fn)
-        self._precomputed = _Precomputed()
 
     def _init_state(self, state_dim: int, beta_fn: Callable[[Tensor], Tensor]) -> None:
         """``w_beta`` (zero: beta = 1), the buffers ``h``, ``gamma_t``, ``t`` and the optimizer's slots."""
@@ -384,14 +346,33 @@ class Modulation(nn.Module):
     def coefficients(self, with_grad: bool = False) -> tuple[Tensor, Tensor]:
         """Return ``(alpha, beta)``: ``alpha = GELU(w_alpha h)`` (K,) and ``beta = k(w_beta . h)``.
 
-        With ``with_grad``, the optimizer's step may already have built them, with their
-        graph, for every layer at once (:func:`_stacked_coefficients`); they are used while
-        still valid, and computed here otherwise. Both give the same values and gradients.
+        With ``with_grad``, the owning optimizer computes them for all its layers at once
+        (one batched autograd function, see ``RECMOptimizer(foreach=...)``); without an
+        owner, or with ``foreach=False``, this layer computes them alone
+        (:meth:`reference_coefficients`). Both give the same values and gradients.
         """
-        if with_grad and not torch.compiler.is_compiling():  # no guards on the per-step cache
-            pre = self._precomputed.get(self)
-            if pre is not None:
-                return pre
+        if with_grad and not torch.compiler.is_compiling():
+            ref = self.__dict__.get("_owner")
+            owner = ref() if ref is not None else None
+            book = getattr(owner, "_coefficients", None)
+            if book is not None:
+                alpha, beta = book.term_coefficients(self)
+                return torch.stack(list(alpha)), beta
+        return self.reference_coefficients(with_grad)
+
+    def term_coefficients(self, with_grad: bool = False) -> tuple[Sequence[Tensor], Tensor]:
+        """:meth:`coefficients` with alpha as one 0-d tensor per term (what a tagged forward uses)."""
+        if with_grad and not torch.compiler.is_compiling() and type(self).coefficients is Modulation.coefficients:
+            ref = self.__dict__.get("_owner")
+            owner = ref() if ref is not None else None
+            book = getattr(owner, "_coefficients", None)
+            if book is not None:
+                return book.term_coefficients(self)
+        alpha, beta = self.coefficients(with_grad)
+        return alpha.unbind(0), beta
+
+    def reference_coefficients(self, with_grad: bool = False) -> tuple[Tensor, Tensor]:
+        """:meth:`coefficients` of this layer alone: the per-layer reference of the batched path."""
         h = self.state_value(with_grad)
         alpha = nn.functional.gelu(self.w_alpha @ h)
         beta = self.beta_fn(self.w_beta @ h)
@@ -408,7 +389,7 @@ class Modulation(nn.Module):
         """Advance one step: ``t += 1`` and ``h <- (1 - gamma_t) h + gamma_t l``."""
         self.t += 1
         self.gamma_t.copy_(cast(Tensor, gamma(self.t.to(self.h.dtype), a, b)))
-        self.h.mul_(1 - self.gamma_t).add_(self.gamma_t * l.to(self.h.dtype))
+        self.h.lerp_(l.to(self.h.dtype), self.gamma_t)  # (1 - gamma_t) h + gamma_t l
 
     def extra_repr(self) -> str:  # noqa: D102
         return f"terms={self.terms}, state_dim={self.h.numel()}"
@@ -451,7 +432,8 @@ def is_standard(mod: Modulation) -> bool:
         return True
     standard = (
         all(getattr(type(mod), f) is getattr(Modulation, f)
-            for f in ("l_theta", "coefficients", "state_value", "commit"))
+            for f in ("l_theta", "coefficients", "term_coefficients", "reference_coefficients", "state_value",
+                      "commit"))
         and isinstance(r, nn.Sequential) and len(r) == 3
         and isinstance(r[0], nn.Linear) and type(r[1]) is nn.GELU and isinstance(r[2], nn.Linear)
         and r[1].approximate == "none" and r[0].bias is not None and r[2].bias is not None
@@ -467,11 +449,19 @@ def _r_theta_tensors(mod: Modulation) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return first.weight, first.bias, last.weight, last.bias
 
 
+def stacked_r_theta(w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, x: Tensor) -> Tensor:
+    """``r_theta`` of G layers from their stacked weights: ``(G, R, d) -> (G, R, m)``.
+
+    Computed transposed (``W x^T``), so that the weights' gradients come out contiguous.
+    """
+    hidden = nn.functional.gelu(torch.baddbmm(b1.unsqueeze(2), w1, x.transpose(1, 2)))
+    return torch.baddbmm(b2.unsqueeze(2), w2, hidden).transpose(1, 2)
+
+
 def _stacked_r_theta(mods: Sequence[Modulation], x: Tensor) -> Tensor:
     """``r_theta`` of G standard modulations with equal shapes in one call: ``(G, R, d) -> (G, R, m)``."""
     w1, b1, w2, b2 = (torch.stack(list(ts)) for ts in zip(*(_r_theta_tensors(m) for m in mods)))
-    hidden = nn.functional.gelu(torch.baddbmm(b1.unsqueeze(1), x, w1.transpose(1, 2)))
-    return torch.baddbmm(b2.unsqueeze(1), hidden, w2.transpose(1, 2))
+    return stacked_r_theta(w1, b1, w2, b2, x)
 
 
 @torch.no_grad()
@@ -499,47 +489,12 @@ def _foreach_commit(mods: Sequence[Modulation], ls: Tensor, a: float, b: float) 
         The ``(G,)`` bool tensor of layers that committed.
     """
     h = torch.stack([m.h for m in mods])
-    ok = torch.isfinite(ls).all(1)
+    ok = ls.mul(0).sum(1) == 0  # 0 * finite = 0 exactly; 0 * inf and 0 * nan are NaN
     ls = ls.to(h.dtype)
     t = torch.stack([m.t for m in mods]) + ok.long()
     g = torch.where(ok, gamma(t.to(h.dtype), a, b), torch.stack([m.gamma_t for m in mods]))
-    new = torch.where(ok[:, None], h * (1 - g[:, None]) + g[:, None] * ls, h)
+    new = torch.where(ok[:, None], torch.lerp(h, ls, g[:, None]), h)
     torch._foreach_copy_([m.h for m in mods], list(new.unbind()))
     torch._foreach_copy_([m.t for m in mods], list(t.unbind()))
     torch._foreach_copy_([m.gamma_t for m in mods], list(g.unbind()))
     return ok
-
-
-# Set to False to make every training forward compute its coefficients per layer (the reference path).
-PRECOMPUTE = True
-
-
-def _stacked_coefficients(mods: Sequence[Modulation], r: Tensor) -> None:
-    """Build every layer's training-forward ``(alpha, beta)`` at once, with their graph.
-
-    ``r`` is ``r_theta`` of each layer's ``newest`` sample, ``(G, 1 + k, S, m)``, computed
-    with grad after the step's updates. The maths is :meth:`Modulation.coefficients` with
-    ``with_grad=True``, batched: ``h_t + gamma_t (l - stop_grad(l))``, ``GELU(w_alpha h)``
-    and ``k(w_beta . h)``. One graph serves all layers, so the next forward costs no
-    kernels for them, and its backward runs the modulation's gradient once for all layers.
-    """
-    if not PRECOMPUTE:
-        return
-    with torch.enable_grad():
-        l = r[:, 0].mean(1) - r[:, 1:].mean((1, 2))  # l_theta of each newest sample, (G, m)
-        h = torch.stack([m.h for m in mods]) + torch.stack([m.gamma_t for m in mods])[:, None] * (l - l.detach())
-        alpha = nn.functional.gelu(torch.bmm(torch.stack([m.w_alpha for m in mods]), h[..., None])[..., 0])
-        beta = mods[0].beta_fn((torch.stack([m.w_beta for m in mods]) * h).sum(-1))
-    graph = {"live": True}
-
-    def consumed(_: Tensor) -> None:  # a backward ran through the shared graph: it is freed now
-        graph["live"] = False
-
-    for out in (alpha, beta):
-        if out.requires_grad:
-            out.register_hook(consumed)
-    with torch.enable_grad():  # the per-layer views must stay on the graph (step() runs under no_grad)
-        alphas, betas = alpha.unbind(), beta.unbind()
-    for mod, a, b in zip(mods, alphas, betas):
-        tensors = (mod.h, mod.gamma_t, mod.w_alpha, mod.w_beta, *_r_theta_tensors(mod))
-        mod._precomputed = _Precomputed((a, b), mod.newest, tensors, graph)

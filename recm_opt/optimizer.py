@@ -41,9 +41,10 @@ from torch.optim import Optimizer
 from torch.optim import optimizer as _torch_optimizer
 
 from . import _checkpoint, _update
-from ._capture import CaptureBook, Undeclared, _all_units, _unravel  # noqa: F401  (_all_units, _unravel: tests)
-from ._device import _host_flags
-from ._distributed import sync_grads
+from ._capture import Capture, CaptureBook, Undeclared, _all_units, _unravel  # noqa: F401  (_all_units, _unravel: tests)
+from ._coefficients import CoefficientBook
+from ._device import _finite_rows, _host_flags
+from ._distributed import _distributed, sync_grads
 from ._layers import (
     _Found,
     _Layer,
@@ -97,6 +98,12 @@ class RECMOptimizer(Optimizer):
         skip_pruned: skip pruned terms also in training forwards (faster; changes dynamics).
         skip_nonfinite: skip the whole step when any gradient is NaN/Inf.
         seed: seed of the private generator for initialisation and subsampling.
+        foreach: batch RECM's work across layers (the samples, ``r_theta``, the ``h``
+            update, the kept/pruned flags and the training coefficients with the newest
+            term's gradient), so that its number of kernels per step does not grow with
+            the number of layers. ``None`` (default) and ``True``: batched wherever the
+            modulations allow; ``False``: the per-layer reference loop, the same maths
+            (equal to rounding; tests compare them in float64).
 
     Example:
         >>> import torch
@@ -147,6 +154,7 @@ class RECMOptimizer(Optimizer):
         skip_pruned: bool = False,
         skip_nonfinite: bool = True,
         seed: int = 0,
+        foreach: bool | None = None,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -158,6 +166,9 @@ class RECMOptimizer(Optimizer):
             raise TypeError(f"target must be a Representation or None, got {target!r}")
         _validate(a=a, b=b, state_dim=state_dim, hidden=hidden, max_units=max_units, prune_eps=prune_eps,
                   weight_radius=weight_radius, lr=lr, weight_decay=weight_decay, beta_fn=beta_fn, seed=seed)
+        if foreach is not None and not isinstance(foreach, bool):
+            raise TypeError(f"foreach must be True, False or None, got {foreach!r}")
+        self.foreach = foreach is not False
         self.inner = optimizer
         self.group = group if group is not None else SO3Generators()
         self.target = target
@@ -167,7 +178,6 @@ class RECMOptimizer(Optimizer):
         self._detached = False
         # Everything is checked and built before the model or the inner optimizer changes.
         self._book = CaptureBook(self.group, target if self.captures_inputs else None, max_units, seed)
-        self._book.rebuild = _update.rebuild_precomputed
         found = find_layers(model, optimizer, self._book.check_group)
         if found and self.captures_inputs and isinstance(target, Vector):
             self._book.check_group(target, target.size, "target")
@@ -186,6 +196,9 @@ class RECMOptimizer(Optimizer):
                           "this RECMOptimizer takes over and detaches it", stacklevel=2)
             owner.detach()
         self._layers = [make_layer(f, mod) for f, mod in zip(found, mods)]
+        # the batched training coefficients, read by each modulation through its owner
+        self._coefficients = CoefficientBook() if self.foreach else None
+        self._reset_coefficients()
         for layer in self._layers:
             clear_dead_hooks(layer.module)
             attach(layer)
@@ -287,8 +300,9 @@ class RECMOptimizer(Optimizer):
         if target is not None:
             self.observe(target)
         self._book.check()
-        items = self._finite(self._book.take())  # a NaN/Inf sample is counted and left out
+        captured = self._book.take()
         if self.skip_nonfinite and not self._grad_flags()[0]:
+            self._samples(captured, check=True)  # counts the NaN/Inf samples behind the NaN gradient
             self._skip()
             return loss
         self._skip_run = 0
@@ -296,7 +310,7 @@ class RECMOptimizer(Optimizer):
         self._fill_fused_grads()
         self._inner_step()
         self._project()
-        self._update_states(items)
+        self._update_states(self._samples(captured))  # a NaN/Inf sample is counted and left out
         return loss
 
     def _closure_step(self, closure: Callable[[], Any], target: Tensor | None) -> Any:
@@ -322,9 +336,9 @@ class RECMOptimizer(Optimizer):
         finally:
             self._in_closure = False
         self._book.check()
-        items = self._finite(self._book.take())
+        captured = self._book.take()
         self._project()
-        self._update_states(items)
+        self._update_states(self._samples(captured))
         return loss
 
     def _skip(self) -> None:
@@ -368,7 +382,7 @@ class RECMOptimizer(Optimizer):
             s = torch.stack([n if n.dtype == torch.float32 else n.float() for n in norms])
         else:
             s = torch.stack([n.float().to(norms[0].device) for n in norms])
-        finite, nonzero = torch.stack([torch.isfinite(s).all(), (s != 0).any()]).tolist()
+        finite, nonzero = torch.stack([s.mul(0).sum() == 0, (s != 0).any()]).tolist()  # 0 * inf, 0 * nan: NaN
         return bool(finite), bool(nonzero)
 
     def _project(self) -> None:
@@ -381,21 +395,42 @@ class RECMOptimizer(Optimizer):
         _foreach_project_norm_([layer.mod.w_beta for layer in self._layers], 1.0)
         _foreach_project_norm_(list(terms.values()), self.weight_radius)
 
-    def _update_states(self, items: list[tuple[_Layer, _update.Samples]]) -> None:
-        """The h update from the step's paired, backed, finite samples (see :func:`recm_opt._update.update_states`).
+    def _samples(self, captured: dict[_Layer, list[Capture]], check: bool = False) -> _update.Split:
+        """The step's samples, stacked (:meth:`CaptureBook.batches`), as batched groups and per-layer samples.
 
-        Args:
-            items: ``(layer, [(sample, units), ...])`` in layer order, layers without samples left out.
+        A sample with NaN/Inf is counted and left out: one host sync for all, or none when
+        each layer has one capture (the commit then refuses a NaN/Inf ``l``, on the device);
+        ``check`` forces the sync.
         """
-        _update.update_states(self._layers, items, a=self.a, b=self.b, prune_eps=self.prune_eps,
-                              max_units=self.max_units, rng=self._book.rng, any_grad=lambda: self._grad_flags()[1])
+        flat = [c for layer in self._layers for c in captured.get(layer, [])]  # in layer order
+        batches = self._book.batches(flat) if self.foreach else self._book.batches_per_capture(flat)
+        counts: dict[_Layer, int] = {}
+        for c in flat:
+            counts[c.layer] = counts.get(c.layer, 0) + 1
+        if not check and self.foreach and not _distributed() and all(n == 1 for n in counts.values()):
+            # one capture per layer: a NaN/Inf sample gives a NaN/Inf l, which the commit refuses
+            # and counts, on the device; no host sync needed here
+            finite = [True] * len(flat)
+        else:
+            finite = _host_flags([_finite_rows(x) for _, x in batches]) if batches else []
+        return _update.split(batches, finite, self.foreach)
 
-    def _finite(self, captures: dict[_Layer, list[Any]]) -> list[tuple[_Layer, _update.Samples]]:
-        return _update.finite_samples(self._layers, captures)
+    def _update_states(self, samples: _update.Split) -> None:
+        """Update each layer's ``h`` and newest term (see :func:`recm_opt._update.update_states`)."""
+        groups, items = samples
+        stacked = _update.update_states(self._layers, groups, items, a=self.a, b=self.b, prune_eps=self.prune_eps,
+                                        max_units=self.max_units, rng=self._book.rng, foreach=self.foreach,
+                                        any_grad=lambda: self._grad_flags()[1])
+        self._reset_coefficients(stacked)
+
+    def _reset_coefficients(self, stacked: list[Tensor] | None = None) -> None:
+        if self._coefficients is not None:
+            self._coefficients.reset([layer.mod for layer in self._layers], stacked or [])
 
     def _refresh_live(self) -> None:
         if self._layers:
-            _update.apply_live(self._layers, _host_flags(_update.live_flags(self._layers, self.prune_eps)))
+            _update.apply_live(self._layers, _host_flags(_update.live_flags(self._layers, self.prune_eps,
+                                                                            self.foreach)))
 
     # -------------------------------------------------------------- pairing
     @torch.no_grad()
@@ -501,7 +536,6 @@ class RECMOptimizer(Optimizer):
                              f"{[len(g['params']) for g in self.param_groups]}")
         _checkpoint.load_inner(self.inner, self.param_groups, self.state, inner_sd)
         self._book.clear()
-        batched = []
         for layer in self._layers:
             entry = matched.get(layer)
             if entry is None:
@@ -509,12 +543,8 @@ class RECMOptimizer(Optimizer):
                 continue
             steps = _checkpoint.restore(layer, entry, self._book.rng)
             self.skipped_steps = steps if steps is not None else self.skipped_steps
-            if bool(entry.get("recm_batched", False)):
-                batched.append(layer)
         self._refresh_live()
-        # Rebuilt at the next training forward: DCP's set_state_dict loads the model after
-        # the optimizer, and loading parameters invalidates what a rebuild now would make.
-        self._book.pending_rebuild = batched
+        self._reset_coefficients()
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 

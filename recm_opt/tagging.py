@@ -221,11 +221,11 @@ def _relaxed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Tensor:
         mod = cast("Modulation | None", self._modules.get(_MODULATION))
         if mod is None:  # no optimizer attached: the equivariant part alone
             return out
-        alpha, beta = mod.coefficients(with_grad=self.training)
+        alpha, beta = mod.term_coefficients(with_grad=self.training)
         names = mod.terms
         live = (True,) * len(names) if self.training and mod.train_all_live else mod.live
     out = beta * out
     for i, (name, on) in enumerate(zip(names, live)):
         if on:
-            out = out + cast(Tensor, alpha)[i] * self.unconstrained(name, *args, **kwargs)  # type: ignore[operator]
+            out = out + alpha[i] * self.unconstrained(name, *args, **kwargs)  # type: ignore[operator]
     return out

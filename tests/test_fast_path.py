@@ -14,7 +14,6 @@ from torch import Tensor, nn
 from vector_model import RelaxedVectorLinear
 
 import recm_opt as recm
-import recm_opt._update as update_module
 from recm_opt.modulation import (
     Modulation,
     _foreach_commit,
@@ -158,12 +157,13 @@ def _reference_project(self: recm.RECMOptimizer) -> None:
         project_norm_([p for ps in layer.term_params.values() for p in ps], self.weight_radius)
 
 
-def _train(seed: int, batch: int, max_units: int, accumulate: int, steps: int = 3) -> tuple[nn.Module, list]:
+def _train(seed: int, batch: int, max_units: int, accumulate: int, steps: int = 3,
+           foreach: bool = True) -> tuple[nn.Module, list]:
     torch.manual_seed(seed)
     model = _Net().double()
     # SGD, not Adam: Adam turns a rounding-level gradient (the exact one is 0) into a full-size step.
     opt = recm.RECMOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, target=recm.Vector("b xyz"),
-                             a=0.5, max_units=max_units, seed=seed, prune_eps=0.05,
+                             a=0.5, max_units=max_units, seed=seed, prune_eps=0.05, foreach=foreach,
                              example=torch.zeros(1, 4, 3, dtype=torch.float64))
     g = rng(seed)
     for _ in range(steps):
@@ -181,12 +181,15 @@ def _train(seed: int, batch: int, max_units: int, accumulate: int, steps: int = 
 @given(seed=st.integers(0, 2**16), batch=st.integers(2, 12), max_units=st.integers(3, 16),
        accumulate=st.integers(1, 2))
 def test_batched_step_equals_per_layer_reference(seed: int, batch: int, max_units: int, accumulate: int) -> None:
-    """Training with the batched step and with the per-layer loop gives the same parameters, h, t and newest."""
+    """foreach=True (batched samples, r_theta, update and coefficients) equals the per-layer loop, foreach=False.
+
+    Parameters, h, t, the newest samples and the kept/pruned flags agree after three steps,
+    with one or two paired micro-batches per step.
+    """
     fast, fast_live = _train(seed, batch, max_units, accumulate)
-    # every layer takes the per-layer reference path: l_mean, commit, coefficients, project_norm_
-    with mock.patch.object(update_module, "is_standard", lambda mod: False), \
-            mock.patch.object(recm.RECMOptimizer, "_project", _reference_project):
-        ref, ref_live = _train(seed, batch, max_units, accumulate)
+    # the projections' per-tensor reference too
+    with mock.patch.object(recm.RECMOptimizer, "_project", _reference_project):
+        ref, ref_live = _train(seed, batch, max_units, accumulate, foreach=False)
     for (name, p), q in zip(fast.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, atol=TOL, rtol=TOL, msg=name)
     for a, b in zip(fast.layers, ref.layers):
@@ -205,11 +208,11 @@ def test_unravel_equals_torch_unravel_index(seed: int, sizes: list[int]) -> None
     assert torch.equal(_unravel(idx, tuple(sizes)), expected)
 
 
-def _after_one_step(seed: int = 0) -> tuple[nn.Module, recm.RECMOptimizer, Tensor, Tensor]:
+def _after_steps(seed: int = 0, foreach: bool = True) -> tuple[nn.Module, recm.RECMOptimizer, Tensor, Tensor]:
     torch.manual_seed(seed)
     model = _Net().double()
     opt = recm.RECMOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, target=recm.Vector("b xyz"), a=0.5,
-                             example=torch.zeros(1, 4, 3, dtype=torch.float64))
+                             foreach=foreach, example=torch.zeros(1, 4, 3, dtype=torch.float64))
     g = rng(seed)
     x, y = torch.randn(6, 4, 3, generator=g, dtype=torch.float64), torch.randn(6, 3, generator=g, dtype=torch.float64)
     for _ in range(2):
@@ -229,41 +232,68 @@ def _grads(model: nn.Module, x: Tensor, y: Tensor, forwards: int = 1) -> dict[st
 
 
 @pytest.mark.parametrize("forwards", [1, 2])
-def test_precomputed_coefficients_give_the_per_layer_gradients(forwards: int) -> None:
-    """After a step, forwards using the step-time coefficients give the gradients of per-layer ones.
+def test_batched_coefficients_give_the_per_layer_gradients(forwards: int) -> None:
+    """The batched coefficients (one autograd function for all layers) give the per-layer path's gradients.
 
-    With two forwards before backward both share the stored graph; the second of two
-    forward-backward rounds (gradient accumulation) finds it consumed and recomputes.
+    With two forwards before one backward each forward takes its own batched rows; a
+    second forward-backward round after the first backward starts afresh.
     """
-    model, _, x, y = _after_one_step()
-    assert all(layer.recm_modulation._precomputed.get(layer.recm_modulation) is not None for layer in model.layers)
-    fast = _grads(model, x, y, forwards)
-    again = _grads(model, x, y)  # the graph is consumed: per-layer path
-    with mock.patch.object(recm.modulation, "PRECOMPUTE", False):
-        ref_model, _, _, _ = _after_one_step()
-    ref = _grads(ref_model, x, y, forwards)
-    ref_again = _grads(ref_model, x, y)
-    assert set(fast) == set(ref)
+    model, _, x, y = _after_steps()
+    fast, again = _grads(model, x, y, forwards), _grads(model, x, y)
+    ref_model, _, _, _ = _after_steps(foreach=False)
+    ref, ref_again = _grads(ref_model, x, y, forwards), _grads(ref_model, x, y)
+    assert set(fast) == set(ref) and any("r_theta" in name for name in ref)  # the newest term reaches r_theta
     for name in ref:
         torch.testing.assert_close(fast[name], ref[name], atol=TOL, rtol=TOL, msg=name)
         torch.testing.assert_close(again[name], ref_again[name], atol=TOL, rtol=TOL, msg=name)
 
 
-def test_precomputed_coefficients_follow_in_place_changes_and_copies() -> None:
+@given(seed=seeds(), n=st.integers(1, 4), terms=st.integers(1, 3), copies=st.integers(2, 4),
+       units=st.integers(1, 5), d=st.integers(1, 6))
+def test_batched_coefficients_backward_equals_autograd(seed: int, n: int, terms: int, copies: int, units: int,
+                                                       d: int) -> None:
+    """The written-out backward of the batched coefficients equals autograd through each layer's own graph."""
+    from recm_opt._coefficients import _Pass
+
+    mods = _modulations(seed, n, d, terms)
+    g = rng(seed + 3)
+    for mod in mods:
+        mod.newest = torch.randn(copies, units, d, generator=g, dtype=torch.float64)
+        with torch.no_grad():
+            mod.w_beta.copy_(torch.randn(mod.w_beta.shape, generator=g, dtype=torch.float64))
+    weights = torch.randn(n, terms + 1, generator=g, dtype=torch.float64)
+    p = _Pass(mods, None)
+    loss = sum((weights[i, :terms] * torch.stack(list(p.terms[i]))).sum() + weights[i, terms] * p.betas[i]
+               for i in range(n))
+    fast = torch.autograd.grad(loss, [q for m in mods for q in m.parameters()])
+    ref_loss = sum((weights[i, :terms] * m.reference_coefficients(with_grad=True)[0]).sum()
+                   + weights[i, terms] * m.reference_coefficients(with_grad=True)[1] for i, m in enumerate(mods))
+    ref = torch.autograd.grad(ref_loss, [q for m in mods for q in m.parameters()])
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(a, b, atol=TOL, rtol=TOL)
+
+
+def test_batched_coefficients_follow_in_place_changes_and_copies() -> None:
     """An in-place change to w_alpha after the step is seen by the next forward; deep copies work."""
     import copy
 
-    model, _, x, _ = _after_one_step()
+    model, _, x, _ = _after_steps()
     mod = model.layers[1].recm_modulation
     alpha_before = mod.coefficients(with_grad=True)[0].detach().clone()
     with torch.no_grad():
         mod.w_alpha.mul_(-1.0)
-    assert mod._precomputed.get(mod) is None
     torch.testing.assert_close(mod.coefficients(with_grad=True)[0], mod.coefficients()[0], atol=TOL, rtol=TOL)
     assert not torch.allclose(mod.coefficients()[0], alpha_before)
-    clone = copy.deepcopy(model)  # AveragedModel does this: a graph cannot be deep-copied
+    clone = copy.deepcopy(model)  # AveragedModel does this: the copy's layers compute their own coefficients
     outputs = []
     for m in (clone, model):
         torch.manual_seed(2)  # the same noise draws
         outputs.append(m(x))
     torch.testing.assert_close(outputs[0], outputs[1], atol=TOL, rtol=TOL)
+
+
+def test_foreach_must_be_a_bool_or_none() -> None:
+    """foreach accepts True, False and None, and names anything else."""
+    layer = _TinyLayer()
+    with pytest.raises(TypeError, match="foreach"):
+        recm.RECMOptimizer(torch.optim.SGD(layer.parameters(), lr=0.1), layer, target=None, foreach="yes")

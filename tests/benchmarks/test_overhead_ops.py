@@ -30,3 +30,19 @@ def test_counter_counts_ops_not_calls() -> None:
         (x + 1).mul(2).view(3, 1)
     assert counter.by_phase()["forward"] == 3
     assert counter.views["forward"] == 1
+
+
+def test_recm_cost_per_layer_stays_flat() -> None:
+    """RECM's extra ops per step grow by at most 25 per tagged layer, and pairing a target costs O(1).
+
+    The 25 per layer are what having parameters costs (the inner optimizer's reads of each
+    parameter's step counter, autograd's accumulation into each gradient) plus the gradient of
+    each learned coefficient; everything else in the step is batched across layers (measured: 23).
+    """
+    def extra(depth: int) -> tuple[float, float]:
+        b, c = ops.count("b", depth, steps=1, warmup=2, batch=32), ops.count("c", depth, steps=1, warmup=2, batch=32)
+        return c["total"] - b["total"], c["phases"]["observe"]
+
+    (low, observe_low), (high, observe_high) = extra(2), extra(6)
+    assert (high - low) / 4 <= 25
+    assert observe_low == observe_high
