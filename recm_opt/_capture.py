@@ -68,6 +68,7 @@ class Capture:
         task: the autograd graph task of that backward.
         nested: captured by reentrant checkpointing's recomputation, whose backward is a
             graph task nested in the real one (its task says nothing about the forward).
+        seq: the capture's number, in the order the forwards ran.
     """
 
     layer: _Layer
@@ -80,6 +81,7 @@ class Capture:
     backed: bool = False
     task: int = -1
     nested: bool = False
+    seq: int = 0
 
 
 class _Hook:
@@ -149,6 +151,7 @@ class CaptureBook:
         self._open: dict[int, Capture | None] = {}
         self._bound: list[tuple[int, Tensor]] = []  # targets bound by pair(), innermost last
         self._pairings = 0
+        self._seq = 0
         self._paused = False
         self._matrices: dict[tuple, tuple[Representation, Tensor]] = {}
         self._index: dict[tuple, dict[str, Tensor]] = {}  # unit subsample per grid, shared until the next pairing
@@ -255,7 +258,8 @@ class CaptureBook:
             raise ValueError(f"layer {layer.name!r}: this forward gives r_theta {width} features per unit "
                              f"(inputs {[tuple(p[2]) for p in parts]} and the target), but it was built for "
                              f"{layer.mod.in_features}; every training forward must have the same feature sizes")
-        return Capture(layer, parts, grid, index, total)
+        self._seq += 1
+        return Capture(layer, parts, grid, index, total, seq=self._seq)
 
     def _shared_index(self, grid: dict[str, int], total: int, device: torch.device) -> dict[str, Tensor]:
         """The kept units for ``grid``: drawn once, shared by every layer until the next pairing."""

@@ -1,12 +1,14 @@
 """The h update of one step, as functions over the layers and their paired samples.
 
-For each layer with samples, ``l_theta`` is the unit-weighted mean over its samples
-(:func:`l_means`), ``h`` commits it (:func:`commit`; a non-finite ``l`` leaves ``h``
-unchanged), the newest sample is kept for the next forward's gradient into theta
-(:func:`newest`), and the kept/pruned flags follow the new alphas (:func:`live_flags`).
-Standard modulations with equal shapes are batched across layers; the others take
-the per-layer reference path (:func:`l_mean`, ``Modulation.commit``,
-``Modulation.coefficients``), which tests compare with the batched path in float64.
+For each layer with samples, ``l_theta`` is the unit-weighted mean over its samples,
+``h`` commits it (a non-finite ``l`` leaves ``h`` unchanged), the step's sample is kept
+as the newest term for the next forward's gradient into theta, and the kept/pruned
+flags follow the new alphas. Layers whose modulations have equal shapes and whose
+samples were stacked together (:func:`split`) are updated as one batch: one ``r_theta``
+call (:func:`stacked_l`), one commit, one draw of the newest term's units. The others,
+and every layer with ``RECMOptimizer(foreach=False)``, take the per-layer reference
+(:func:`l_mean`, ``Modulation.commit``, :func:`newest`), which tests compare with the
+batched path in float64.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._device import _host_flags
+from ._device import _host_flags, _to_device
 from ._distributed import _distributed, all_reduce_mean
 from ._layers import _Layer
 from .modulation import _foreach_commit, _stacked_alpha, _stacked_r_theta, is_standard
@@ -87,15 +89,28 @@ def commit(pending: list[tuple[_Layer, Tensor]], a: float, b: float, foreach: bo
     return [f for f in ok if f is not None]
 
 
-def newest(layer: _Layer, samples: Samples, max_units: int, rng: torch.Generator) -> Tensor:
-    """The sample behind h's newest term: the step's samples, subsampled to ``max_units`` units."""
+def newest(layer: _Layer, samples: Samples, keep: dict[int, Tensor]) -> Tensor:
+    """The sample behind h's newest term: the step's samples, their units subsampled by ``keep`` (see :func:`draws`)."""
     if len(samples) == 1:  # one capture: the sample itself, no copy
         return samples[0][0].to(layer.mod.w_beta.dtype)
     sample = torch.cat([s for s, _ in samples], 1).to(layer.mod.w_beta.dtype)
-    if sample.shape[1] > max_units:
-        keep = torch.randperm(sample.shape[1], generator=rng)[:max_units]
-        sample = sample[:, keep.to(sample.device)]
-    return sample
+    index = keep.get(sample.shape[1])
+    return sample if index is None else sample[:, _to_device(index, sample.device)]
+
+
+def draws(layers: list[_Layer], units: dict[_Layer, int], max_units: int, rng: torch.Generator) -> dict[int, Tensor]:
+    """The units each newest sample of more than ``max_units`` units keeps, drawn once per number of units.
+
+    ``units`` gives each layer's number of units in the step (several captures, e.g. gradient
+    accumulation); layers with the same number share one draw, made in layer order, so the
+    batched and the per-layer path consume the generator alike.
+    """
+    out: dict[int, Tensor] = {}
+    for layer in layers:
+        n = units.get(layer, 0)
+        if n > max_units and n not in out:
+            out[n] = torch.randperm(n, generator=rng)[:max_units]
+    return out
 
 
 def live_flags(layers: list[_Layer], prune_eps: float, foreach: bool = True) -> list[Tensor]:
@@ -126,44 +141,49 @@ def apply_live(layers: list[_Layer], flags: list[bool]) -> None:
 def split(batches: list[tuple[list[Any], Tensor]], finite: list[bool], foreach: bool) -> Split:
     """Sort the step's stacked samples into batched groups and per-layer samples.
 
-    A sample with NaN/Inf (``finite`` is False) is counted and left out. Layers with one
-    capture whose modulations share a key keep their samples stacked, ``(G, 1 + k, S, d)``,
-    for one batched update; layers with several captures (gradient accumulation), other
-    modulations, and everything when ``foreach`` is False, take the per-layer path.
+    A sample with NaN/Inf (``finite`` is False) is counted and left out. Layers whose
+    modulations share a key and whose captures sit next to each other in one batch (one
+    capture, or ``k`` micro-batches of equal shapes) keep their samples stacked, the ``k``
+    captures' units side by side: ``(G, 1 + |C_G|, k S, d)``, for one batched update. The
+    others, and everything when ``foreach`` is False, take the per-layer path.
 
     Returns:
         The batched groups ``(layers, samples)`` and the per-layer ``(layer, samples)``, in layer order.
     """
     flags = iter(finite)
-    good: list[tuple[list[Any], Tensor, list[int]]] = []
-    count: dict[_Layer, int] = {}
-    for captures, x in batches:
-        keep = []
+    where: dict[_Layer, list[tuple[int, int]]] = {}  # each layer's kept captures: (batch, row)
+    for b, (captures, _) in enumerate(batches):
         for i, c in enumerate(captures):
             if next(flags):
-                keep.append(i)
-                count[c.layer] = count.get(c.layer, 0) + 1
+                where.setdefault(c.layer, []).append((b, i))
             else:
                 c.layer.skipped += 1
-        good.append((captures, x, keep))
     groups: list[tuple[list[_Layer], Tensor]] = []
-    per_layer: dict[_Layer, Samples] = {}
-    for captures, x, keep in good:
-        by_key: dict[tuple, list[int]] = {}
+    per_layer: dict[_Layer, list[tuple[int, Tensor, int]]] = {}
+    for b, (captures, x) in enumerate(batches):
+        by_key: dict[tuple, list[tuple[_Layer, int]]] = {}
         rows: tuple[Tensor, ...] | None = None
-        for i in keep:
-            layer = captures[i].layer
-            key = _mod_key(layer) if foreach and count[layer] == 1 else None
-            if key is not None:
-                by_key.setdefault(key, []).append(i)
+        for layer, pos in where.items():
+            mine = [i for bb, i in pos if bb == b]
+            if not mine:
+                continue
+            key = _mod_key(layer) if foreach and len(mine) == len(pos) else None
+            if key is not None and mine == list(range(mine[0], mine[0] + len(mine))) \
+                    and len({captures[i].units for i in mine}) == 1:
+                by_key.setdefault((key, len(mine)), []).append((layer, mine[0]))
                 continue
             rows = x.unbind(0) if rows is None else rows
-            per_layer.setdefault(layer, []).append((rows[i], captures[i].units))
-        for key, idx in by_key.items():
-            dtype = key[0]
-            xs = x if len(idx) == len(captures) else x[torch.tensor(idx, device=x.device)]
-            groups.append(([captures[i].layer for i in idx], xs.to(dtype)))
-    return groups, list(per_layer.items())
+            per_layer.setdefault(layer, []).extend((captures[i].seq, rows[i], captures[i].units) for i in mine)
+        for (key, k), members in by_key.items():
+            idx = [start + j for _, start in members for j in range(k)]
+            xs = x if idx == list(range(len(captures))) else x[torch.tensor(idx, device=x.device)]
+            if k > 1:  # each layer's k captures side by side along the units
+                n, c, units, d = xs.shape
+                xs = xs.reshape(n // k, k, c, units, d).transpose(1, 2).reshape(n // k, c, k * units, d)
+            groups.append(([layer for layer, _ in members], xs.to(key[0])))
+    items = [(layer, [(sample, units) for _, sample, units in sorted(per_layer[layer], key=lambda e: e[0])])
+             for layer in where if layer in per_layer]
+    return groups, items
 
 
 def update_states(layers: list[_Layer], groups: list[tuple[list[_Layer], Tensor]],
@@ -187,6 +207,9 @@ def update_states(layers: list[_Layer], groups: list[tuple[list[_Layer], Tensor]
             warnings.warn(f"layer {layer.name!r} {why}; its h is unchanged", stacklevel=4)
             layer.warned = True
         layer.ran_unbacked = False
+    units = {layer: x.shape[2] for group, x in groups for layer in group}
+    units.update({layer: sum(sample.shape[1] for sample, _ in samples) for layer, samples in items if len(samples) > 1})
+    keep = draws(layers, units, max_units, rng)
     with torch.no_grad():
         group_ls = [stacked_l(group, x) for group, x in groups]
         ls = l_means(items)
@@ -210,6 +233,9 @@ def update_states(layers: list[_Layer], groups: list[tuple[list[_Layer], Tensor]
     stacked = []
     for group, x in groups:
         took = True
+        index = keep.get(x.shape[2])
+        if index is not None:  # the newest term keeps max_units of the k S units
+            x = x[:, :, _to_device(index, x.device)]
         for layer, sample, f in zip(group, x.unbind(0), ok):
             if f:
                 layer.mod.newest = sample
@@ -220,7 +246,7 @@ def update_states(layers: list[_Layer], groups: list[tuple[list[_Layer], Tensor]
             stacked.append(x)
     for (layer, samples), f in zip(items, ok):
         if f:
-            layer.mod.newest = newest(layer, samples, max_units, rng)
+            layer.mod.newest = newest(layer, samples, keep)
         else:
             layer.skipped += 1
     apply_live(layers, flags[done:])

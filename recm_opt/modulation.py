@@ -30,11 +30,11 @@ from torch import Tensor, nn
 
 __all__ = ["GELU_LIPSCHITZ", "Modulation", "gamma", "one_plus_tanh", "project_norm_"]
 
-# Fast paths (``_foreach_*``, ``_stacked_*``) batch the per-layer maths across
-# layers; each has a per-layer reference (``project_norm_``, ``Modulation.commit``,
-# ``Modulation.coefficients``, ``r_theta``) that tests/test_fast_path.py checks it
-# against in float64. On a GPU they turn O(layers) small kernels and host syncs
-# into O(1), which is what RECM's step costs there.
+# Fast paths (``_foreach_*``, ``_stacked_*``, ``stacked_r_theta``) batch the per-layer
+# maths across layers; each has a per-layer reference (``project_norm_``,
+# ``Modulation.commit``, ``Modulation.reference_coefficients``, ``r_theta``) that
+# tests/test_fast_path.py checks it against in float64. On a GPU they turn O(layers)
+# small kernels and host syncs into O(1), which is what RECM's step costs there.
 
 # max_x |d/dx GELU(x)| = max_x Phi(x) + x phi(x), attained at x = sqrt(2) (1.12890...); rounded up.
 GELU_LIPSCHITZ = 1.129
