@@ -410,29 +410,33 @@ class CaptureBook:
         return [([c], self._stack([c])) for c in captures]
 
     def _stack(self, cs: list[Capture]) -> Tensor:
+        """The stacked samples ``(n, 1 + k, S, d)`` of captures with equal shapes, written part by part.
+
+        Each part's identity rows and generator copies are written into their feature slice
+        of one preallocated tensor, so the step's transient memory is the output plus one
+        part's copies (concatenating would hold every part twice).
+        """
         n, first = len(cs), cs[0]
-        blocks = []  # per part: (identity rows (n, S, f), copies (k, n, S, f))
-        for j, (rep, rows, feat) in enumerate(first.parts):
-            x = rows[None] if n == 1 else torch.stack([c.parts[j][1] for c in cs])
-            blocks.append(self._block(rep, x, feat))
+        parts = [(rep, rows[None] if n == 1 else torch.stack([c.parts[j][1] for c in cs]), feat)
+                 for j, (rep, rows, feat) in enumerate(first.parts)]
         if first.target is not None:
             rep, rows, feat = first.target
-            if all(c.target is not None and c.target[1] is rows for c in cs):  # one target for all: act once
-                ids, moved = self._block(rep, rows[None], feat)
-                blocks.append((ids.expand(n, -1, -1), moved.expand(-1, n, -1, -1)))
-            else:
-                x = torch.stack([c.target[1] for c in cs])  # type: ignore[index]
-                blocks.append(self._block(rep, x, feat))
-        dtype = blocks[0][0].dtype
-        ids = torch.cat([b[0].to(dtype) for b in blocks], -1) if len(blocks) > 1 else blocks[0][0]
-        moved = torch.cat([b[1].to(dtype) for b in blocks], -1) if len(blocks) > 1 else blocks[0][1]
-        return torch.cat([ids[:, None], moved.transpose(0, 1)], 1)
-
-    def _block(self, rep: Representation, x: Tensor, feat: tuple[int, ...]) -> tuple[Tensor, Tensor]:
-        """Identity rows ``(n, S, f)`` and copies ``(k, n, S, f)`` of stacked rows ``x`` ``(n, S, *feat)``."""
-        n, s = x.shape[0], x.shape[1]
-        moved = self._act(rep, x.reshape(n * s, *feat))
-        return x.reshape(n, s, -1), moved.reshape(moved.shape[0], n, s, -1)
+            shared = all(c.target is not None and c.target[1] is rows for c in cs)  # one target: act once
+            parts.append((rep, rows[None] if shared else torch.stack([c.target[1] for c in cs]), feat))  # type: ignore[index]
+        x0 = parts[0][1]
+        k = len(self.generators)
+        width = sum(math.prod(feat) for _, _, feat in parts)
+        out = torch.empty((n, 1 + k, x0.shape[1], width), dtype=x0.dtype, device=x0.device)
+        copies = out.transpose(0, 1)  # (1 + k, n, S, d): the identity copy first, then each generator's
+        offset = 0
+        for rep, x, feat in parts:  # x: (n or 1, S, *feat); a shared target broadcasts over the n captures
+            f = math.prod(feat)
+            m, s = x.shape[0], x.shape[1]
+            block = copies[..., offset:offset + f]
+            block[0].copy_(x.reshape(m, s, f))
+            block[1:].copy_(self._act(rep, x.reshape(m * s, *feat)).reshape(k, m, s, f))
+            offset += f
+        return out
 
     def _act(self, rep: Representation, x: Tensor) -> Tensor:
         """``rep.act`` over the generators; the default action's matrices are built and moved once."""

@@ -129,11 +129,17 @@ class _Coefficients(torch.autograd.Function):
 
 
 def _key(mod: Modulation) -> tuple | None:
-    """Modulations with equal keys are batched together; ``None``: the per-layer path."""
+    """Modulations with equal keys are batched together; ``None``: the per-layer path.
+
+    Each layer's result does not depend on which others share its group (every batched op
+    treats the layers independently), so the grouping only decides the number of kernels.
+    """
     if not is_standard(mod):
         return None
     x = mod.newest
-    sample = None if x is None else (tuple(x.shape), x.dtype, x.device)
+    # layers whose newest samples are rows of one stacked tensor (one batch of the step) form one group,
+    # which reuses that tensor instead of stacking the rows again
+    sample = None if x is None else (tuple(x.shape), x.dtype, x.device, id(x._base) if x._base is not None else None)
     return (sample, mod.h.dtype, mod.h.device, tuple(mod.w_alpha.shape), tuple(mod.r_theta[0].weight.shape),
             tuple(mod.r_theta[2].weight.shape), mod.beta_fn)
 

@@ -373,17 +373,22 @@ class RECMOptimizer(Optimizer):
                         p.grad = torch.zeros_like(p)
 
     def _grad_flags(self) -> tuple[bool, bool]:
-        """Return (every gradient is finite, some gradient is non-zero) with one host sync."""
+        """Return (every gradient is finite, some gradient is non-zero) with one host sync.
+
+        Both follow from the sum of the gradients' norms, accumulated in float64: NaN or
+        infinite exactly when a gradient has a NaN/Inf entry (norms of finite float32
+        gradients cannot overflow it), and zero exactly when every gradient is zero.
+        """
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         if not grads:
             return True, False
         norms = torch._foreach_norm(grads)
-        if all(n.device == norms[0].device for n in norms):  # one stack, not two ops per gradient
-            s = torch.stack([n if n.dtype == torch.float32 else n.float() for n in norms])
+        if all(n.device == norms[0].device and n.dtype == norms[0].dtype for n in norms):
+            s = torch.stack(norms)  # one stack, not an op per gradient
         else:
-            s = torch.stack([n.float().to(norms[0].device) for n in norms])
-        finite, nonzero = torch.stack([s.mul(0).sum() == 0, (s != 0).any()]).tolist()  # 0 * inf, 0 * nan: NaN
-        return bool(finite), bool(nonzero)
+            s = torch.stack([n.to(norms[0].device, torch.float64) for n in norms])
+        total = float(s.to(torch.float64).sum())
+        return math.isfinite(total), total > 0
 
     def _project(self) -> None:
         if not self._layers:
