@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from .modulation import Modulation, _in_backward, _r_theta_tensors, is_standard
+from .modulation import Modulation, _in_backward, _r_theta_tensors, alpha_map, alpha_map_backward, is_standard
 
 
 def _keep(t: Tensor) -> Tensor:
@@ -54,10 +54,11 @@ def _in_functorch() -> bool:
 class _Plan:
     """One group's size and ``beta_fn``, and whether its backward has run."""
 
-    __slots__ = ("beta_fn", "dead", "size")
+    __slots__ = ("alpha_fn", "beta_fn", "dead", "size")
 
     def __init__(self, mods: Sequence[Modulation]) -> None:
         self.size = len(mods)
+        self.alpha_fn: str = mods[0].alpha_fn
         self.beta_fn: Callable[[Tensor], Tensor] = mods[0].beta_fn
         self.dead = False  # set once the backward ran: the graph is freed, a new pass needs a new group
 
@@ -95,7 +96,7 @@ class _Coefficients(torch.autograd.Function):
             r_theta = [torch.stack(params[i * g:(i + 1) * g]) for i in range(2, 5)] if newest is not None else []
             ctx.plan = plan
             ctx.save_for_backward(h, gamma_t, newest, s, u, w_alpha, w_beta, *r_theta)
-            return nn.functional.gelu(s), plan.beta_fn(u)
+            return alpha_map(s, plan.alpha_fn), plan.beta_fn(u)
 
     @staticmethod
     @once_differentiable
@@ -103,7 +104,7 @@ class _Coefficients(torch.autograd.Function):
         plan = ctx.plan
         plan.dead = True
         h, gamma_t, newest, s, u, w_alpha, w_beta, *r_theta = ctx.saved_tensors
-        ds = torch.ops.aten.gelu_backward(grad_alpha.to(s.dtype), s)  # (G, K)
+        ds = alpha_map_backward(grad_alpha.to(s.dtype), s, plan.alpha_fn)  # (G, K)
         with torch.enable_grad():
             leaf = u.detach().requires_grad_()
             (du,) = torch.autograd.grad(plan.beta_fn(leaf), leaf, grad_beta.to(u.dtype))  # (G,)
@@ -141,7 +142,7 @@ def _key(mod: Modulation) -> tuple | None:
     # which reuses that tensor instead of stacking the rows again
     sample = None if x is None else (tuple(x.shape), x.dtype, x.device, id(x._base) if x._base is not None else None)
     return (sample, mod.h.dtype, mod.h.device, tuple(mod.w_alpha.shape), tuple(mod.r_theta[0].weight.shape),
-            tuple(mod.r_theta[2].weight.shape), mod.beta_fn)
+            tuple(mod.r_theta[2].weight.shape), mod.alpha_fn, mod.beta_fn)
 
 
 class _Pass:

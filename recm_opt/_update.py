@@ -23,7 +23,7 @@ from torch import Tensor
 from ._device import _host_flags, _to_device
 from ._distributed import _distributed, all_reduce_mean
 from ._layers import _Layer
-from .modulation import _foreach_commit, _stacked_alpha, _stacked_r_theta, is_standard
+from .modulation import _foreach_commit, _stacked_r_theta, alpha_map, is_standard, kept_terms
 
 Samples = list[tuple[Tensor, int]]  # (stacked sample (1 + k, S, d), units it stands for)
 Split = tuple[list[tuple[list[_Layer], Tensor]], list[tuple[_Layer, Samples]]]  # batched groups, per-layer samples
@@ -113,20 +113,24 @@ def draws(layers: list[_Layer], units: dict[_Layer, int], max_units: int, rng: t
     return out
 
 
-def live_flags(layers: list[_Layer], prune_eps: float, foreach: bool = True) -> list[Tensor]:
-    """``|alpha_i| >= prune_eps`` for every layer's terms, in layer order, still on the device."""
+def live_flags(layers: list[_Layer], foreach: bool = True) -> list[Tensor]:
+    """Every layer's kept/pruned flags (:func:`~recm_opt.modulation.kept_terms`), in layer order, on the device."""
     slots: list[Tensor | None] = [None] * len(layers)
     groups: dict[tuple, list[int]] = {}
     for i, layer in enumerate(layers):
         mod = layer.mod
         if foreach and is_standard(mod):
-            groups.setdefault((mod.h.dtype, mod.h.device, mod.h.shape), []).append(i)
+            key = (mod.h.dtype, mod.h.device, mod.h.shape, mod.w_alpha.shape, mod.alpha_fn, mod.prune_eps, mod.prune_z)
+            groups.setdefault(key, []).append(i)
         else:
-            slots[i] = mod.coefficients()[0].abs() >= prune_eps
+            slots[i] = mod.kept()
     for idx in groups.values():
         mods = [layers[i].mod for i in idx]
-        flags = _stacked_alpha(mods).abs() >= prune_eps
-        for i, f in zip(idx, flags.split([len(m.terms) for m in mods])):
+        h = torch.stack([m.h for m in mods])  # (G, m)
+        alpha = alpha_map(torch.bmm(torch.stack([m.w_alpha for m in mods]), h[..., None])[..., 0], mods[0].alpha_fn)
+        v = torch.stack([m.noise_var for m in mods]) if mods[0].prune_z > 0 else h[:, 0]  # (unused when 0)
+        flags = kept_terms(alpha, h, v, mods[0].prune_eps, mods[0].prune_z)
+        for i, f in zip(idx, flags.unbind(0)):
             slots[i] = f
     return [f for f in slots if f is not None]
 
@@ -187,7 +191,7 @@ def split(batches: list[tuple[list[Any], Tensor]], finite: list[bool], foreach: 
 
 
 def update_states(layers: list[_Layer], groups: list[tuple[list[_Layer], Tensor]],
-                  items: list[tuple[_Layer, Samples]], *, a: float, b: float, prune_eps: float, max_units: int,
+                  items: list[tuple[_Layer, Samples]], *, a: float, b: float, max_units: int,
                   rng: torch.Generator, any_grad: Callable[[], bool], foreach: bool = True) -> list[Tensor]:
     """One step's h update of every layer, from the batched ``groups`` and per-layer ``items`` (see :func:`split`).
 
@@ -227,7 +231,7 @@ def update_states(layers: list[_Layer], groups: list[tuple[list[_Layer], Tensor]
     committed = [_foreach_commit([layer.mod for layer in group], gl, a, b) for (group, _), gl in zip(groups, group_ls)]
     committed += commit([(layer, l) for (layer, _), l in zip(items, ls)], a, b, foreach)
     # one host sync for the whole update: which layers committed, and which terms are kept
-    flags = _host_flags(committed + live_flags(layers, prune_eps, foreach))
+    flags = _host_flags(committed + live_flags(layers, foreach))
     done = sum(len(group) for group, _ in groups) + len(items)
     ok = iter(flags[:done])
     stacked = []

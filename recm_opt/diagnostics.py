@@ -367,7 +367,8 @@ def coupling_gap(
 
     def act(out: Tensor | Sequence[Tensor], element: Tensor) -> list[Tensor]:
         outs = (out,) if isinstance(out, Tensor) else tuple(out)
-        return [_act_tensor(rep, group, element[None], t.detach().to(torch.float64))[0] for t, rep in zip(outs, out_reps)]
+        return [_act_tensor(rep, group, element[None], t.detach().to(torch.float64))[0]
+                for t, rep in zip(outs, out_reps)]
 
     with torch.no_grad():
         q = features(fn(x))

@@ -62,10 +62,11 @@ def layer_row(name: str, module: nn.Module, skipped: int = 0, dropped: int = 0, 
         if mod is not None:
             alpha_t, beta_t = mod.coefficients()
             alpha, beta = dict(zip(mod.terms, alpha_t.tolist())), float(beta_t)
-            h_norm, t, eps = float(mod.h.norm()), int(mod.t), mod.prune_eps
+            h_norm, t = float(mod.h.norm()), int(mod.t)
+            kept = [n for n, k in zip(mod.terms, mod.kept().tolist()) if k]
         else:
-            alpha, beta, h_norm, t, eps = {n: 0.0 for n in tag.terms}, 1.0, 0.0, 0, 0.01
-    kept = [n for n, v in alpha.items() if abs(v) >= eps]
+            alpha, beta, h_norm, t = {n: 0.0 for n in tag.terms}, 1.0, 0.0, 0
+            kept = []
     all_terms = set().union(*term_ids.values())
     pruned_ids = set().union(*(term_ids[n] for n in tag.terms if n not in kept))
     return {
@@ -149,7 +150,8 @@ def export(model: nn.Module, eps: float | None = None) -> nn.Module:
 
     Args:
         model: a model whose ``@relaxed`` layers may carry RECM modulation.
-        eps: prune threshold; defaults to each layer's optimizer ``prune_eps``.
+        eps: the ``|alpha|`` threshold; defaults to each layer's ``prune_eps``. The
+            layer's noise test (``prune_z``) applies as well.
 
     Returns:
         A deep copy with no hooks and no modulation. Its tagged layers compute
@@ -162,8 +164,7 @@ def export(model: nn.Module, eps: float | None = None) -> nn.Module:
         if tag is None or mod is None:
             continue
         alpha, beta = mod.coefficients()
-        threshold = mod.prune_eps if eps is None else eps
-        kept = [i for i in range(len(mod.terms)) if abs(float(alpha[i])) >= threshold]
+        kept = [i for i, k in enumerate(mod.kept(eps).tolist()) if k]
         for i, name in enumerate(mod.terms):
             if i not in kept:
                 for attr in tag.terms[name]:

@@ -28,7 +28,8 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-__all__ = ["GELU_LIPSCHITZ", "Modulation", "gamma", "one_plus_tanh", "project_norm_"]
+__all__ = ["ALPHA_FNS", "GELU_LIPSCHITZ", "Modulation", "alpha_map", "gamma", "kept_terms", "one_plus_tanh",
+           "project_norm_"]
 
 # Fast paths (``_foreach_*``, ``_stacked_*``, ``stacked_r_theta``) batch the per-layer
 # maths across layers; each has a per-layer reference (``project_norm_``,
@@ -38,6 +39,46 @@ __all__ = ["GELU_LIPSCHITZ", "Modulation", "gamma", "one_plus_tanh", "project_no
 
 # max_x |d/dx GELU(x)| = max_x Phi(x) + x phi(x), attained at x = sqrt(2) (1.12890...); rounded up.
 GELU_LIPSCHITZ = 1.129
+
+#: The maps ``s`` of ``alpha = s(w_alpha . h)``: ``"gelu"`` (the default), and ``"odd_gelu"``,
+#: ``s(x) = sign(x) GELU(|x|)``, odd and increasing, so it has no flat minimum where alpha can settle
+#: (GELU's, -0.16997 at x = -0.7518). Both have ``s(0) = 0``, ``|s(x)| <= |x|`` and ``|s'| <= GELU_LIPSCHITZ``.
+ALPHA_FNS = ("gelu", "odd_gelu")
+
+
+def alpha_map(x: Tensor, alpha_fn: str = "gelu") -> Tensor:
+    """``alpha = s(x)`` for the map named ``alpha_fn`` (see ``ALPHA_FNS``).
+
+    Example:
+        >>> alpha_map(torch.tensor([-1.0, 1.0]), "odd_gelu")
+        tensor([-0.8413,  0.8413])
+    """
+    if alpha_fn == "odd_gelu":
+        return torch.sign(x) * nn.functional.gelu(x.abs())
+    return nn.functional.gelu(x)
+
+
+def alpha_map_backward(grad: Tensor, x: Tensor, alpha_fn: str = "gelu") -> Tensor:
+    """``grad * s'(x)``: the gradient through :func:`alpha_map` (``s'(x) = GELU'(|x|)`` for ``"odd_gelu"``)."""
+    return torch.ops.aten.gelu_backward(grad, x.abs() if alpha_fn == "odd_gelu" else x)
+
+
+def kept_terms(alpha: Tensor, h: Tensor, noise_var: Tensor, prune_eps: float, prune_z: float) -> Tensor:
+    """Which terms are kept: ``|alpha_i| >= prune_eps``, and the layer's ``||h||^2 >= prune_z^2 noise_var``.
+
+    ``noise_var`` is the realised variance of ``h`` under the hypothesis that the data are
+    symmetric (see :meth:`Modulation.commit`), so the second test asks whether ``h`` stands
+    out of its own sampling noise, whatever the scale of ``r_theta``. Batched: ``alpha``
+    ``(..., K)``, ``h`` ``(..., m)``, ``noise_var`` ``(...)``. ``prune_z = 0``: the first test alone.
+
+    Example:
+        >>> kept_terms(torch.tensor([0.5]), torch.tensor([0.1, 0.0]), torch.tensor(0.01), 0.01, 3.0)
+        tensor([False])
+    """
+    keep = alpha.abs() >= prune_eps
+    if prune_z > 0:
+        keep = keep & (torch.linalg.vecdot(h, h) >= prune_z ** 2 * noise_var)[..., None]
+    return keep
 
 
 def gamma(t: int | Tensor, a: float, b: float = 1.0) -> float | Tensor:
@@ -182,8 +223,9 @@ class Modulation(nn.Module):
 
     Parameters (trained by the wrapped optimizer): ``r_theta`` (2-layer GELU MLP),
     ``w_alpha`` (K x m) and ``w_beta`` (m). Buffers, saved in the model's
-    ``state_dict`` like BatchNorm's running statistics: ``h``, ``gamma_t`` and ``t``.
-    The configuration (kind, sizes, ``prune_eps``) travels as the module's extra
+    ``state_dict`` like BatchNorm's running statistics: ``h``, ``gamma_t``, ``t`` and
+    ``noise_var`` (h's realised noise variance, for pruning).
+    The configuration (kind, sizes, ``prune_eps``, ``prune_z``, ``alpha_fn``) travels as the module's extra
     state, so that loading a checkpoint into a fresh model rebuilds the modulation.
 
     Args:
@@ -245,6 +287,8 @@ class Modulation(nn.Module):
         self.register_buffer("h", torch.zeros(state_dim))
         self.register_buffer("gamma_t", torch.zeros(()))
         self.register_buffer("t", torch.zeros((), dtype=torch.long))
+        # sum_t (gamma_t prod_{s>t} (1 - gamma_s))^2 ||l_t||^2: what E ||h||^2 is when E[l_theta] = 0
+        self.register_buffer("noise_var", torch.zeros(()))
         # Filled by the optimizer: the stacked (1 + |C_G|, S, d) sample behind h's newest term.
         # Not a buffer (its shape is the last batch's, and AveragedModel copies buffers between
         # models); _apply moves it with .to() / .double(); the optimizer's state_dict saves it.
@@ -252,6 +296,8 @@ class Modulation(nn.Module):
         self.live: tuple[bool, ...] = (False,) * len(self.terms)
         self.train_all_live = True
         self.prune_eps = 0.01
+        self.prune_z = 3.0
+        self.alpha_fn = "gelu"
 
     # ----------------------------------------------------------- configuration
     @property
@@ -267,7 +313,8 @@ class Modulation(nn.Module):
 
     def _eval_config(self) -> dict[str, Any]:
         beta = getattr(self.beta_fn, "__qualname__", None) if self.beta_fn is not one_plus_tanh else "one_plus_tanh"
-        return {"prune_eps": float(self.prune_eps), "train_all_live": bool(self.train_all_live), "beta_fn": beta}
+        return {"prune_eps": float(self.prune_eps), "prune_z": float(self.prune_z), "alpha_fn": self.alpha_fn,
+                "train_all_live": bool(self.train_all_live), "beta_fn": beta}
 
     @classmethod
     def from_config(cls, terms: Sequence[str], config: dict[str, Any]) -> Modulation:
@@ -288,6 +335,11 @@ class Modulation(nn.Module):
             kind = state.get("kind") if isinstance(state, dict) else state
             raise ValueError(f"checkpoint holds a modulation of kind {kind!r}, this layer has {self.kind!r}")
         self.prune_eps = float(state.get("prune_eps", self.prune_eps))
+        self.prune_z = float(state.get("prune_z", 0.0))  # a checkpoint from before the noise test: eps alone
+        alpha_fn = state.get("alpha_fn", "gelu")
+        if alpha_fn not in ALPHA_FNS:
+            raise ValueError(f"checkpoint's modulation uses alpha_fn {alpha_fn!r}; known: {ALPHA_FNS}")
+        self.alpha_fn = alpha_fn
         self.train_all_live = bool(state.get("train_all_live", self.train_all_live))
         beta = state.get("beta_fn", "one_plus_tanh")
         if beta != "one_plus_tanh" and self.beta_fn is one_plus_tanh:
@@ -307,6 +359,10 @@ class Modulation(nn.Module):
                 "them into the model; save the model again to get the current format", stacklevel=4)
         else:
             check_state(state_dict, prefix, self.h.numel())
+        if prefix + "noise_var" not in state_dict and prefix + "h" in state_dict:
+            # saved before h's noise variance was kept: start it at 0 (the noise test then waits for it to
+            # build up again), as BatchNorm fills in num_batches_tracked for its old checkpoints
+            state_dict[prefix + "noise_var"] = torch.zeros((), dtype=self.noise_var.dtype)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         self.refresh_live()
@@ -318,9 +374,15 @@ class Modulation(nn.Module):
         return out
 
     @torch.no_grad()
+    def kept(self, prune_eps: float | None = None) -> Tensor:
+        """Which terms are kept (:func:`kept_terms`), with this layer's ``prune_eps`` unless one is given."""
+        eps = self.prune_eps if prune_eps is None else prune_eps
+        return kept_terms(self.coefficients()[0], self.h, self.noise_var, eps, self.prune_z)
+
+    @torch.no_grad()
     def refresh_live(self) -> None:
-        """Recompute which terms are kept (``|alpha_i| >= prune_eps``) from the current state."""
-        self.live = tuple(bool(a) for a in (self.coefficients()[0].abs() >= self.prune_eps).tolist())
+        """Recompute which terms are kept (:meth:`kept`) from the current state."""
+        self.live = tuple(bool(a) for a in self.kept().tolist())
 
     def __getstate__(self) -> dict[str, Any]:
         # The owning optimizer and the step-time graph belong to one process and one run.
@@ -374,7 +436,7 @@ class Modulation(nn.Module):
     def reference_coefficients(self, with_grad: bool = False) -> tuple[Tensor, Tensor]:
         """:meth:`coefficients` of this layer alone: the per-layer reference of the batched path."""
         h = self.state_value(with_grad)
-        alpha = nn.functional.gelu(self.w_alpha @ h)
+        alpha = alpha_map(self.w_alpha @ h, self.alpha_fn)
         beta = self.beta_fn(self.w_beta @ h)
         return alpha, beta
 
@@ -386,10 +448,18 @@ class Modulation(nn.Module):
 
     @torch.no_grad()
     def commit(self, l: Tensor, a: float, b: float) -> None:
-        """Advance one step: ``t += 1`` and ``h <- (1 - gamma_t) h + gamma_t l``."""
+        """Advance one step: ``t += 1``, ``h <- (1 - gamma_t) h + gamma_t l`` and the noise variance.
+
+        ``noise_var <- (1 - gamma_t)^2 noise_var + gamma_t^2 ||l||^2``: the realised variance of
+        ``h``'s increments. When the data are symmetric, ``E[l_theta] = 0`` at every step whatever
+        theta does, ``h`` is a martingale and ``E ||h||^2 = E noise_var``.
+        """
         self.t += 1
         self.gamma_t.copy_(cast(Tensor, gamma(self.t.to(self.h.dtype), a, b)))
-        self.h.lerp_(l.to(self.h.dtype), self.gamma_t)  # (1 - gamma_t) h + gamma_t l
+        l = l.to(self.h.dtype)
+        self.h.lerp_(l, self.gamma_t)  # (1 - gamma_t) h + gamma_t l
+        g = self.gamma_t.to(self.noise_var.dtype)
+        self.noise_var.mul_((1 - g) ** 2).add_(g ** 2 * l.pow(2).sum().to(self.noise_var.dtype))
 
     def extra_repr(self) -> str:  # noqa: D102
         return f"terms={self.terms}, state_dim={self.h.numel()}"
@@ -415,6 +485,10 @@ def check_state(state_dict: dict[str, Any], prefix: str, state_dim: int | None =
         raise ValueError(f"{prefix}t must be one integer >= 0, got {t.dtype} {t.tolist()}")
     if isinstance(g, Tensor) and (g.numel() != 1 or not g.is_floating_point() or not 0 <= float(g) <= 1):
         raise ValueError(f"{prefix}gamma_t must be one float in [0, 1], got {g.dtype} {g.tolist()}")
+    v = state_dict.get(prefix + "noise_var")
+    if isinstance(v, Tensor) and (v.numel() != 1 or not v.is_floating_point() or not math.isfinite(float(v))
+                                  or float(v) < 0):
+        raise ValueError(f"{prefix}noise_var must be one finite float >= 0, got {v.dtype} {v.tolist()}")
 
 
 _KINDS[Modulation.kind] = Modulation
@@ -470,12 +544,13 @@ def _stacked_alpha(mods: Sequence[Modulation]) -> Tensor:
 
     Same maths as ``coefficients()[0]`` (``GELU(w_alpha h)``) without the per-layer calls.
     """
+    fn = mods[0].alpha_fn
     if all(m.w_alpha.shape == mods[0].w_alpha.shape for m in mods):  # the usual case: one bmm
         w = torch.stack([m.w_alpha for m in mods])  # (G, K, m)
-        return nn.functional.gelu(torch.bmm(w, torch.stack([m.h for m in mods])[..., None]).reshape(-1))
+        return alpha_map(torch.bmm(w, torch.stack([m.h for m in mods])[..., None]).reshape(-1), fn)
     w = torch.cat([m.w_alpha for m in mods])  # (sum K, m)
     h = torch.cat([m.h.expand(len(m.terms), -1) for m in mods])  # each layer's h once per term row
-    return nn.functional.gelu((w * h).sum(1))
+    return alpha_map((w * h).sum(1), fn)
 
 
 @torch.no_grad()
@@ -494,6 +569,10 @@ def _foreach_commit(mods: Sequence[Modulation], ls: Tensor, a: float, b: float) 
     t = torch.stack([m.t for m in mods]) + ok.long()
     g = torch.where(ok, gamma(t.to(h.dtype), a, b), torch.stack([m.gamma_t for m in mods]))
     new = torch.where(ok[:, None], torch.lerp(h, ls, g[:, None]), h)
+    v = torch.stack([m.noise_var for m in mods])
+    gv = g.to(v.dtype)  # (1 - g)^2 v + g^2 ||l||^2 on the committed rows
+    v_new = torch.where(ok, torch.addcmul((1 - gv).square() * v, gv.square(), torch.linalg.vecdot(ls, ls)), v)
+    torch._foreach_copy_([m.noise_var for m in mods], list(v_new.unbind()))
     torch._foreach_copy_([m.h for m in mods], list(new.unbind()))
     torch._foreach_copy_([m.t for m in mods], list(t.unbind()))
     torch._foreach_copy_([m.gamma_t for m in mods], list(g.unbind()))

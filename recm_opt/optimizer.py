@@ -60,7 +60,7 @@ from ._layers import (
     to_layer_device,
 )
 from .groups import Group, SO3Generators
-from .modulation import Modulation, _foreach_project_norm_, one_plus_tanh
+from .modulation import ALPHA_FNS, Modulation, _foreach_project_norm_, one_plus_tanh
 from .reps import Representation, Vector
 from .tagging import _MODULATION
 
@@ -91,6 +91,13 @@ class RECMOptimizer(Optimizer):
         hidden: width of ``r_theta``'s hidden layer.
         max_units: units of each captured batch kept for ``l_theta``.
         prune_eps: terms with ``|alpha| < prune_eps`` are pruned in eval and export.
+        prune_z: a layer's terms are also pruned while ``||h||^2 < prune_z^2 * noise_var``:
+            ``h`` does not stand out of its own sampling noise (``noise_var``, the realised
+            variance of ``h`` when the data are symmetric). Scale-free, so pruning does not
+            depend on ``r_theta``'s size or the modulation's learning rate. ``0``: the
+            ``prune_eps`` test alone.
+        alpha_fn: the map ``s`` of ``alpha = s(w_alpha . h)``: ``"gelu"`` or ``"odd_gelu"``
+            (``sign(x) GELU(|x|)``: no flat minimum where alpha can get stuck at -0.17).
         weight_radius: Frobenius-norm radius of every unconstrained term's parameters.
         lr: learning rate of the modulation param group (default: the inner default).
         weight_decay: weight decay of the modulation param group.
@@ -147,6 +154,8 @@ class RECMOptimizer(Optimizer):
         hidden: int = 16,
         max_units: int = 256,
         prune_eps: float = 0.01,
+        prune_z: float = 3.0,
+        alpha_fn: str = "gelu",
         weight_radius: float = 1.0,
         lr: float | None = None,
         weight_decay: float = 0.0,
@@ -165,7 +174,8 @@ class RECMOptimizer(Optimizer):
         if target is not None and not isinstance(target, (Representation, Undeclared)):
             raise TypeError(f"target must be a Representation or None, got {target!r}")
         _validate(a=a, b=b, state_dim=state_dim, hidden=hidden, max_units=max_units, prune_eps=prune_eps,
-                  weight_radius=weight_radius, lr=lr, weight_decay=weight_decay, beta_fn=beta_fn, seed=seed)
+                  prune_z=prune_z, alpha_fn=alpha_fn, weight_radius=weight_radius, lr=lr, weight_decay=weight_decay,
+                  beta_fn=beta_fn, seed=seed)
         if foreach is not None and not isinstance(foreach, bool):
             raise TypeError(f"foreach must be True, False or None, got {foreach!r}")
         self.foreach = foreach is not False
@@ -173,6 +183,7 @@ class RECMOptimizer(Optimizer):
         self.group = group if group is not None else SO3Generators()
         self.target = target
         self.a, self.b, self.prune_eps, self.weight_radius = float(a), float(b), float(prune_eps), float(weight_radius)
+        self.prune_z, self.alpha_fn = float(prune_z), alpha_fn
         self.max_units, self.skip_nonfinite = max_units, skip_nonfinite
         self.skipped_steps, self._skip_run = 0, 0
         self._detached = False
@@ -204,6 +215,7 @@ class RECMOptimizer(Optimizer):
             attach(layer)
             layer.mod.__dict__["_owner"] = weakref.ref(self)
             layer.mod.prune_eps, layer.mod.train_all_live = self.prune_eps, not skip_pruned
+            layer.mod.prune_z, layer.mod.alpha_fn = self.prune_z, alpha_fn
             layer.mod.beta_fn = beta_fn
             if self.captures_inputs:
                 layer.handles = self._book.hooks(layer)
@@ -423,8 +435,8 @@ class RECMOptimizer(Optimizer):
     def _update_states(self, samples: _update.Split) -> None:
         """Update each layer's ``h`` and newest term (see :func:`recm_opt._update.update_states`)."""
         groups, items = samples
-        stacked = _update.update_states(self._layers, groups, items, a=self.a, b=self.b, prune_eps=self.prune_eps,
-                                        max_units=self.max_units, rng=self._book.rng, foreach=self.foreach,
+        stacked = _update.update_states(self._layers, groups, items, a=self.a, b=self.b, max_units=self.max_units,
+                                        rng=self._book.rng, foreach=self.foreach,
                                         any_grad=lambda: self._grad_flags()[1])
         self._reset_coefficients(stacked)
 
@@ -434,8 +446,7 @@ class RECMOptimizer(Optimizer):
 
     def _refresh_live(self) -> None:
         if self._layers:
-            _update.apply_live(self._layers, _host_flags(_update.live_flags(self._layers, self.prune_eps,
-                                                                            self.foreach)))
+            _update.apply_live(self._layers, _host_flags(_update.live_flags(self._layers, self.foreach)))
 
     # -------------------------------------------------------------- pairing
     @torch.no_grad()
@@ -629,6 +640,9 @@ def _validate(**kw: Any) -> None:
 
     finite("a", 0, True)
     finite("b", 0, True)
+    finite("prune_z", 0, False)
+    if kw["alpha_fn"] not in ALPHA_FNS:
+        raise ValueError(f"alpha_fn must be one of {ALPHA_FNS}, got {kw['alpha_fn']!r}")
     finite("weight_radius", 0, True)
     finite("weight_decay", 0, False)
     if kw["lr"] is not None:

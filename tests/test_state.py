@@ -62,7 +62,7 @@ def through_bytes(obj: Any, weights_only: bool = True) -> Any:
 # ------------------------------------------------------------------- the model alone
 def test_model_state_dict_alone_reproduces_eval_outputs_report_and_export() -> None:
     """A fresh model that loads model.state_dict() (no optimizer) gives the trained eval outputs, report and export."""
-    model, _ = trained(steps=6, prune_eps=1e-4)
+    model, _ = trained(steps=6, prune_eps=1e-4, prune_z=0.0)  # few steps: the |alpha| test alone keeps terms
     x = batch(8, seed=99)[0]
     sd = through_bytes(model.state_dict())
     assert {"enc.recm_modulation.h", "enc.recm_modulation.t", "enc.recm_modulation.gamma_t"} <= set(sd)
@@ -426,6 +426,9 @@ def test_failed_construction_leaves_the_model_exactly_as_it_was(failure: str) ->
     ({"max_units": True}, r"max_units must be an int >= 1, got True"),
     ({"seed": -1}, r"seed must be an int >= 0, got -1"),
     ({"prune_eps": float("nan")}, r"prune_eps must be in \[0, 1\), got nan"),
+    ({"prune_z": -1.0}, r"prune_z must be >= 0, got -1.0"),
+    ({"prune_z": float("inf")}, r"prune_z must be finite, got inf"),
+    ({"alpha_fn": "relu"}, r"alpha_fn must be one of \('gelu', 'odd_gelu'\), got 'relu'"),
 ])
 def test_every_hyperparameter_is_validated_naming_the_value(kwargs: dict[str, Any], message: str) -> None:
     """Non-finite or out-of-range a, b, lr, weight_decay, weight_radius, sizes, seed, prune_eps: a ValueError."""
