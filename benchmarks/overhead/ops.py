@@ -25,6 +25,7 @@ Usage::
 
     python -m benchmarks.overhead.ops                 # L in 1, 4, 16, 64 -> docs/results/overhead_ops.json
     python -m benchmarks.overhead.ops --layers 1 4 --json /tmp/ops.json
+    python -m benchmarks.overhead.ops --accumulate 2 --json docs/results/overhead_ops_accumulate2.json
 """
 
 from __future__ import annotations
@@ -94,20 +95,24 @@ def build(variant: str, depth: int, width: int = 16, seed: int = 0) -> tuple[nn.
 
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor,
-               counter: OpCounter | None = None) -> None:
-    """One training step: forward, backward, observe (RECM), step, zero_grad; phases labelled on ``counter``."""
+               counter: OpCounter | None = None, accumulate: int = 1) -> None:
+    """One training step: forward, backward, observe (RECM) per micro-batch, then step, zero_grad.
+
+    Phases are labelled on ``counter``; ``accumulate`` splits the batch into that many micro-batches.
+    """
 
     def phase(name: str) -> None:
         if counter is not None:
             counter.phase = name
 
-    phase("forward")
-    loss = nn.functional.mse_loss(model(x), y)
-    phase("backward")
-    loss.backward()
-    if isinstance(opt, recm.RECMOptimizer):
-        phase("observe")
-        opt.observe(y)
+    for xs, ys in zip(x.chunk(accumulate), y.chunk(accumulate)):  # micro-batches: gradient accumulation
+        phase("forward")
+        loss = nn.functional.mse_loss(model(xs), ys) / accumulate
+        phase("backward")
+        loss.backward()
+        if isinstance(opt, recm.RECMOptimizer):
+            phase("observe")
+            opt.observe(ys)
     phase("step")
     opt.step()
     phase("zero_grad")
@@ -116,12 +121,12 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tenso
 
 
 def count(variant: str, depth: int, steps: int = 3, warmup: int = 3, batch: int = 256,
-          width: int = 16) -> dict[str, Any]:
+          width: int = 16, accumulate: int = 1) -> dict[str, Any]:
     """Aten ops per step of one variant, after ``warmup`` steps, averaged over ``steps`` (they agree)."""
     model, opt = build(variant, depth, width)
     x, y = make_task(batch * (warmup + steps), 0.0, c_in=width, seed=0)
     for i in range(warmup):
-        train_step(model, opt, x[i * batch:(i + 1) * batch], y[i * batch:(i + 1) * batch])
+        train_step(model, opt, x[i * batch:(i + 1) * batch], y[i * batch:(i + 1) * batch], accumulate=accumulate)
     per_step = []
     totals: Counter[tuple[str, str]] = Counter()
     views: Counter[str] = Counter()
@@ -131,7 +136,7 @@ def count(variant: str, depth: int, steps: int = 3, warmup: int = 3, batch: int 
     steps_ids = {id(st["step"]) for st in opt.state.values() if isinstance(st.get("step"), Tensor)}
     for i in range(warmup, warmup + steps):
         with OpCounter(steps_ids) as counter:
-            train_step(model, opt, x[i * batch:(i + 1) * batch], y[i * batch:(i + 1) * batch], counter)
+            train_step(model, opt, x[i * batch:(i + 1) * batch], y[i * batch:(i + 1) * batch], counter, accumulate)
         per_step.append(sum(counter.ops.values()))
         totals.update(counter.ops)
         views.update(counter.views)
@@ -147,11 +152,11 @@ def count(variant: str, depth: int, steps: int = 3, warmup: int = 3, batch: int 
             "kernels": total - n_views - n_host, "top_ops": dict(top)}
 
 
-def measure(layers: tuple[int, ...] = LAYERS, steps: int = 3) -> dict[str, Any]:
+def measure(layers: tuple[int, ...] = LAYERS, steps: int = 3, accumulate: int = 1) -> dict[str, Any]:
     """b and c for every depth; ``c - b`` in total and by phase, and its slope per layer."""
     rows = []
     for depth in layers:
-        b, c = count("b", depth, steps), count("c", depth, steps)
+        b, c = count("b", depth, steps, accumulate=accumulate), count("c", depth, steps, accumulate=accumulate)
         rows.append({
             "layers": depth, "b": b, "c": c, "c_minus_b": c["total"] - b["total"],
             "c_minus_b_per_layer": (c["total"] - b["total"]) / depth,
@@ -187,10 +192,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:  # noqa: D103
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, nargs="+", default=list(LAYERS))
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--accumulate", type=int, default=1, help="micro-batches per step (observe after each)")
     p.add_argument("--json", type=Path, default=ROOT / "docs" / "results" / "overhead_ops.json")
     args = p.parse_args(argv)
     started = time.perf_counter()
-    result = measure(tuple(args.layers), args.steps)
+    result = measure(tuple(args.layers), args.steps, args.accumulate)
+    result["accumulate"] = args.accumulate
     result.update({
         "command": "python -m benchmarks.overhead.ops " + " ".join(argv if argv is not None else sys.argv[1:]),
         "model": "residual stack of L RelaxedVectorLinear (width 16), batch 256, AdamW(foreach=True)",
@@ -203,8 +210,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:  # noqa: D103
     })
     print(table(result))
     if "slope_per_layer" in result:
+        kernels = f"{result['kernels_intercept']:.0f} + {result['kernels_slope_per_layer']:.1f} L"
         print(f"c - b ~ {result['intercept']:.0f} + {result['slope_per_layer']:.1f} L ops; kernels (no views, no "
-              f"host step-counter reads) ~ {result['kernels_intercept']:.0f} + {result['kernels_slope_per_layer']:.1f} L")
+              f"host step-counter reads) ~ {kernels}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.json}")
