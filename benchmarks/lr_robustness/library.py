@@ -34,23 +34,14 @@ from typing import Any
 
 import torch
 
-import recm_opt as recm
-from benchmarks.lr_robustness.run import GELU_MIN, ROOT, _test_mse, _vector_model
+from benchmarks.lr_robustness.run import GELU_MIN, ROOT, _test_mse, _vector_model, build_vector_net
 
 
 def run_one(task: str, alpha_fn: str, opt_name: str, lr: float, seed: int, steps: int,
             batch: int = 64) -> dict[str, Any]:
     """Train one configuration; judge it with prune_z = 3 and prune_z = 0."""
-    torch.set_num_threads(1)
     vm = _vector_model()
-    torch.manual_seed(seed)
-    model = vm.VectorNet()
-    if opt_name == "adamw":
-        inner: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    else:
-        inner = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
-    opt = recm.RECMOptimizer(inner, model, target=recm.Vector("b xyz"), lr=lr, seed=seed, alpha_fn=alpha_fn,
-                             example=torch.zeros(1, 4, 3))
+    model, opt = build_vector_net(opt_name, lr, seed, alpha_fn=alpha_fn)
     x, y = vm.make_task(steps * batch, 0.0 if task == "symmetric" else 1.0, seed=seed + 1)
     xt, yt = vm.make_task(4096, 0.0 if task == "symmetric" else 1.0, seed=10_000 + seed)
     start = time.perf_counter()

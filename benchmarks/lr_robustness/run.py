@@ -124,6 +124,23 @@ class _OddGeluModulation(Modulation):
         return torch.sign(x) * nn.functional.gelu(x.abs()), self.beta_fn(self.w_beta @ h)
 
 
+def build_vector_net(opt_name: str, lr: float, seed: int, **options: Any) -> tuple[nn.Module, recm.RECMOptimizer]:
+    """The demo's VectorNet (seeded) with RECM around AdamW (lr 1e-3) or SGD with momentum 0.9 (lr 1e-2).
+
+    ``lr`` is RECM's group's learning rate; ``options`` go to ``RECMOptimizer``. One torch thread.
+    """
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    model = _vector_model().VectorNet()
+    if opt_name == "adamw":
+        inner: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    else:
+        inner = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
+    opt = recm.RECMOptimizer(inner, model, target=recm.Vector("b xyz"), lr=lr, seed=seed,
+                             example=torch.zeros(1, 4, 3), **options)
+    return model, opt
+
+
 def _modulations(model: nn.Module) -> list[tuple[str, Modulation]]:
     return [(name, m.recm_modulation) for name, m in model.named_modules() if hasattr(m, "recm_modulation")]
 
@@ -229,18 +246,11 @@ def _test_mse(model: nn.Module, x: Tensor, y: Tensor) -> float:
 def run_one(task: str, variant_name: str, opt_name: str, lr: float, seed: int, steps: int,
             batch: int = 64) -> dict[str, Any]:
     """Train one configuration and return its record (see the module docstring)."""
-    torch.set_num_threads(1)
     vm = _vector_model()
     variant = VARIANTS[variant_name]
     broken = 0.0 if task == "symmetric" else 1.0
-    torch.manual_seed(seed)
-    model = vm.VectorNet()
-    if opt_name == "adamw":
-        inner: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    else:
-        inner = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
-    opt = recm.RECMOptimizer(inner, model, target=recm.Vector("b xyz"), lr=lr, weight_radius=variant.radius,
-                             seed=seed, example=torch.zeros(1, 4, 3))
+    # prune_z=0: the optimizer's own live flags are the "eps" rule; the other rules are judged here
+    model, opt = build_vector_net(opt_name, lr, seed, weight_radius=variant.radius, prune_z=0.0)
     names, mods = zip(*_modulations(model))
     mods = list(mods)
     _install(opt, mods, variant)
