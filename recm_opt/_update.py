@@ -23,7 +23,7 @@ from torch import Tensor
 from ._device import _host_flags, _to_device
 from ._distributed import _distributed, all_reduce_mean
 from ._layers import _Layer
-from .modulation import _foreach_commit, _stacked_r_theta, alpha_map, is_standard, kept_terms
+from .modulation import _foreach_commit, _stacked_alpha, _stacked_r_theta, is_standard, kept_terms
 
 Samples = list[tuple[Tensor, int]]  # (stacked sample (1 + k, S, d), units it stands for)
 Split = tuple[list[tuple[list[_Layer], Tensor]], list[tuple[_Layer, Samples]]]  # batched groups, per-layer samples
@@ -61,11 +61,6 @@ def stacked_l(layers: list[_Layer], x: Tensor) -> Tensor:
     out = (mods[0].r_theta(flat) if g == 1 else _stacked_r_theta(mods, flat)).reshape(g, c, r, -1)
     # the mean over units as a sum times 1/S, as l_mean weighs one capture's rows
     return ((out[:, 0] - out[:, 1:].mean(1)) * (1.0 / r)).sum(1)
-
-
-def l_means(items: list[tuple[_Layer, Samples]]) -> list[Tensor]:
-    """Each layer's ``l_theta`` from its samples (per layer, :func:`l_mean`)."""
-    return [l_mean(layer, samples) for layer, samples in items]
 
 
 def commit(pending: list[tuple[_Layer, Tensor]], a: float, b: float, foreach: bool = True) -> list[Tensor]:
@@ -126,9 +121,9 @@ def live_flags(layers: list[_Layer], foreach: bool = True) -> list[Tensor]:
             slots[i] = mod.kept()
     for idx in groups.values():
         mods = [layers[i].mod for i in idx]
-        h = torch.stack([m.h for m in mods])  # (G, m)
-        alpha = alpha_map(torch.bmm(torch.stack([m.w_alpha for m in mods]), h[..., None])[..., 0], mods[0].alpha_fn)
-        v = torch.stack([m.noise_var for m in mods]) if mods[0].prune_z > 0 else h[:, 0]  # (unused when 0)
+        h = torch.stack([m.h for m in mods])  # (G, m), shared by alpha and the noise test
+        alpha = _stacked_alpha(mods, h).reshape(len(mods), -1)  # (G, K): the group has one w_alpha shape
+        v = torch.stack([m.noise_var for m in mods]) if mods[0].prune_z > 0 else None
         flags = kept_terms(alpha, h, v, mods[0].prune_eps, mods[0].prune_z)
         for i, f in zip(idx, flags.unbind(0)):
             slots[i] = f
@@ -216,7 +211,7 @@ def update_states(layers: list[_Layer], groups: list[tuple[list[_Layer], Tensor]
     keep = draws(layers, units, max_units, rng)
     with torch.no_grad():
         group_ls = [stacked_l(group, x) for group, x in groups]
-        ls = l_means(items)
+        ls = [l_mean(layer, samples) for layer, samples in items]
     if _distributed():  # DDP: the same l on every rank, averaged over the ranks that captured each layer
         index = {layer: i for i, layer in enumerate(layers)}
         full: list[Tensor | None] = [None] * len(layers)

@@ -63,20 +63,21 @@ def alpha_map_backward(grad: Tensor, x: Tensor, alpha_fn: str = "gelu") -> Tenso
     return torch.ops.aten.gelu_backward(grad, x.abs() if alpha_fn == "odd_gelu" else x)
 
 
-def kept_terms(alpha: Tensor, h: Tensor, noise_var: Tensor, prune_eps: float, prune_z: float) -> Tensor:
+def kept_terms(alpha: Tensor, h: Tensor, noise_var: Tensor | None, prune_eps: float, prune_z: float) -> Tensor:
     """Which terms are kept: ``|alpha_i| >= prune_eps``, and the layer's ``||h||^2 >= prune_z^2 noise_var``.
 
     ``noise_var`` is the realised variance of ``h`` under the hypothesis that the data are
     symmetric (see :meth:`Modulation.commit`), so the second test asks whether ``h`` stands
     out of its own sampling noise, whatever the scale of ``r_theta``. Batched: ``alpha``
-    ``(..., K)``, ``h`` ``(..., m)``, ``noise_var`` ``(...)``. ``prune_z = 0``: the first test alone.
+    ``(..., K)``, ``h`` ``(..., m)``, ``noise_var`` ``(...)``. ``prune_z = 0`` (or no ``noise_var``):
+    the first test alone.
 
     Example:
         >>> kept_terms(torch.tensor([0.5]), torch.tensor([0.1, 0.0]), torch.tensor(0.01), 0.01, 3.0)
         tensor([False])
     """
     keep = alpha.abs() >= prune_eps
-    if prune_z > 0:
+    if prune_z > 0 and noise_var is not None:
         keep = keep & (torch.linalg.vecdot(h, h) >= prune_z ** 2 * noise_var)[..., None]
     return keep
 
@@ -539,7 +540,7 @@ def _stacked_r_theta(mods: Sequence[Modulation], x: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def _stacked_alpha(mods: Sequence[Modulation]) -> Tensor:
+def _stacked_alpha(mods: Sequence[Modulation], h: Tensor | None = None) -> Tensor:
     """``alpha`` of G standard modulations (same dtype, device and m), concatenated: ``(sum K,)``.
 
     Same maths as ``coefficients()[0]`` (``GELU(w_alpha h)``) without the per-layer calls.
@@ -547,7 +548,8 @@ def _stacked_alpha(mods: Sequence[Modulation]) -> Tensor:
     fn = mods[0].alpha_fn
     if all(m.w_alpha.shape == mods[0].w_alpha.shape for m in mods):  # the usual case: one bmm
         w = torch.stack([m.w_alpha for m in mods])  # (G, K, m)
-        return alpha_map(torch.bmm(w, torch.stack([m.h for m in mods])[..., None]).reshape(-1), fn)
+        h = torch.stack([m.h for m in mods]) if h is None else h
+        return alpha_map(torch.bmm(w, h[..., None]).reshape(-1), fn)
     w = torch.cat([m.w_alpha for m in mods])  # (sum K, m)
     h = torch.cat([m.h.expand(len(m.terms), -1) for m in mods])  # each layer's h once per term row
     return alpha_map((w * h).sum(1), fn)

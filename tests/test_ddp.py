@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -72,10 +73,21 @@ def _worker(rank: int, init_file: str, out: str) -> None:
         dist.destroy_process_group()
 
 
+WATCHDOG_S = 300
+
+
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(str(out / "init"), str(out)), nprocs=WORLD, join=True)
+    context = mp.spawn(_worker, args=(str(out / "init"), str(out)), nprocs=WORLD, join=False)
+    # A watchdog: a worker stuck outside a collective (seen twice under heavy load, cause not found) would
+    # otherwise hang the whole suite; join() re-raises a worker's error.
+    deadline = time.monotonic() + WATCHDOG_S
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the {WORLD} DDP workers did not finish within {WATCHDOG_S} s")
     return [torch.load(Path(out) / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
