@@ -69,8 +69,15 @@ def _worker(rank: int, init_file: str, out: str) -> None:
         ddp = DistributedDataParallel(model)  # wrap first, then hand the wrapped model to RECMOptimizer
         opt = train(ddp, rank)
         torch.save(result(model, opt), os.path.join(out, f"rank{rank}.pt"))
-    finally:
+        dist.barrier()
         dist.destroy_process_group()
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    # Leave without tearing down DDP's reducer: its destructor joins gloo's worker thread while holding the
+    # GIL, and that thread can wait for the GIL to free a tensor (a teardown deadlock seen under load, with
+    # both ranks' results already saved).
+    os._exit(0)
 
 
 WATCHDOG_S = 300
@@ -80,8 +87,7 @@ WATCHDOG_S = 300
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     out = tmp_path_factory.mktemp("ddp")
     context = mp.spawn(_worker, args=(str(out / "init"), str(out)), nprocs=WORLD, join=False)
-    # A watchdog: a worker stuck outside a collective (seen twice under heavy load, cause not found) would
-    # otherwise hang the whole suite; join() re-raises a worker's error.
+    # A watchdog: a worker stuck anywhere would otherwise hang the whole suite; join() re-raises a worker's error.
     deadline = time.monotonic() + WATCHDOG_S
     while not context.join(timeout=5):
         if time.monotonic() > deadline:
