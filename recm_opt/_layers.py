@@ -8,8 +8,8 @@ the layer's inputs plus the target's; it comes from the representations' declare
 sizes or from one forward of an explicit example batch. A layer that already
 carries a modulation (loaded with the model, or left by an earlier optimizer) keeps
 it, with its state. :class:`_Layer` is the optimizer's record of one tagged layer. The
-modulation parameters join the inner optimizer as one param group (:func:`recm_group`,
-:func:`move_out`; LBFGS, which has a single group, takes them into it).
+modulation parameters join the shared param groups as one group of their own (:func:`recm_group`,
+:func:`move_out`), which RECM steps itself and the inner optimizer never sees.
 """
 
 from __future__ import annotations
@@ -227,8 +227,6 @@ def recm_group(inner: Optimizer, mods: list[Modulation], options: dict[str, Any]
     recm = [g for g in inner.param_groups if g.get("recm")]
     if len(recm) == 1 and {id(p) for p in recm[0]["params"]} == ids:
         return None  # the same inner optimizer wrapped again: its RECM group already holds them
-    if single_group(inner) and ids <= {id(p) for p in inner.param_groups[0]["params"]}:
-        return None
     return {"params": params, **options}
 
 
@@ -237,18 +235,13 @@ def move_out(inner: Optimizer, group: dict[str, Any]) -> None:
 
     A model that carries its modulations (loaded from a checkpoint, or left by an
     earlier optimizer) hands them to ``torch.optim.AdamW(model.parameters())`` like any
-    other parameter; they belong in the RECM group (no weight decay by default). Their
-    inner state, keyed by parameter, stays.
+    other parameter; they belong in the RECM group, which RECM steps itself (any inner
+    state they had is taken over by RECM's own update). Groups left empty stay, so that
+    per-group schedules keep their order.
     """
     ids = {id(p) for p in group["params"]}
     for g in inner.param_groups:
         g["params"][:] = [p for p in g["params"] if id(p) not in ids]  # in place: LBFGS caches the list
-    inner.param_groups[:] = [g for g in inner.param_groups if g["params"]]
-
-
-def single_group(inner: Optimizer) -> bool:
-    """Whether the inner optimizer supports a single param group only (LBFGS)."""
-    return isinstance(inner, torch.optim.LBFGS)
 
 
 def clear_dead_hooks(module: nn.Module) -> None:

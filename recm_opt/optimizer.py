@@ -28,11 +28,13 @@ update (``_update``), checkpoints (``_checkpoint``) and DDP (``_distributed``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import math
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -56,61 +58,101 @@ from ._layers import (
     make_layer,
     move_out,
     recm_group,
-    single_group,
     to_layer_device,
 )
 from .groups import Group, SO3Generators
 from .modulation import ALPHA_FNS, Modulation, _foreach_project_norm_, one_plus_tanh
 from .reps import Representation, Vector
+from .schedule import ModulationStep, attached_schedulers, modulation_lr, run_defaults, run_length
 from .tagging import _MODULATION
 
-__all__ = ["RECMOptimizer", "layer_name"]
+__all__ = ["RECMConfig", "RECMOptimizer", "layer_name"]
 
 # The default target: one number per unit (labels, scalars); other shapes ask for a declaration.
 _UNDECLARED = Undeclared()
 _SKIP_WARN = 10  # consecutive skipped steps before a warning
 
 
+@dataclass(frozen=True)
+class RECMConfig:
+    """Expert settings of :class:`RECMOptimizer`; the defaults need no tuning.
+
+    Pass one as ``config=``, or any field as a keyword of the optimizer (``a=1e-3``), which wins.
+
+    Args:
+        a: the constant of ``gamma_t = a / (b + a t)``. ``None``: ``min(1, 50 / total_steps)``
+            (see :mod:`recm_opt.schedule`).
+        b: the offset of ``gamma_t``.
+        lr: peak step size of RECM's own update of the modulation parameters. ``None``:
+            ``min(0.05, 0.5 / sqrt(total_steps))``. It decays to 0 at the end of the run.
+        weight_decay: decoupled weight decay of the modulation parameters.
+        state_dim: m, the size of each layer's state ``h``.
+        hidden: width of ``r_theta``'s hidden layer.
+        max_units: units of each captured batch kept for ``l_theta``.
+        prune_eps: terms with ``|alpha| < prune_eps`` are pruned in eval and export.
+        prune_z: a layer's terms are also pruned while ``||h||^2 < prune_z^2 * noise_var``:
+            ``h`` does not stand out of its own sampling noise (``noise_var``, the realised
+            variance of ``h`` when the data are symmetric). ``0``: the ``prune_eps`` test alone.
+        alpha_fn: the map ``s`` of ``alpha = s(w_alpha . h)``: ``"odd_gelu"`` (default,
+            ``sign(x) GELU(|x|)``: odd, no flat minimum) or ``"gelu"``.
+        beta_fn: the map ``k`` of ``beta = k(w_beta . h)``, with ``k(0) = 1`` (default ``1 + tanh``).
+        weight_radius: Frobenius-norm radius of every unconstrained term's parameters.
+        skip_pruned: skip pruned terms also in training forwards (faster; changes dynamics).
+        skip_nonfinite: skip the whole step when any gradient is NaN/Inf.
+        seed: seed of the private generator for initialisation and subsampling.
+        foreach: batch RECM's work across layers so that its number of kernels per step does
+            not grow with the number of layers. ``None`` (default) and ``True``: batched
+            wherever the modulations allow; ``False``: the per-layer reference loop (the same
+            maths, equal to rounding).
+
+    Example:
+        >>> RECMConfig(a=1e-3).alpha_fn
+        'odd_gelu'
+    """
+
+    a: float | None = None
+    b: float = 1.0
+    lr: float | None = None
+    weight_decay: float = 0.0
+    state_dim: int = 16
+    hidden: int = 16
+    max_units: int = 256
+    prune_eps: float = 0.01
+    prune_z: float = 3.0
+    alpha_fn: str = "odd_gelu"
+    beta_fn: Callable[[Tensor], Tensor] = one_plus_tanh
+    weight_radius: float = 1.0
+    skip_pruned: bool = False
+    skip_nonfinite: bool = True
+    seed: int = 0
+    foreach: bool | None = None
+
+
 class RECMOptimizer(Optimizer):
     """Recurrent Equivariant Constraint Modulation around any ``torch.optim.Optimizer``.
 
+    The inner optimizer trains the model's weights; RECM trains its own modulation
+    parameters (``r_theta``, ``w_alpha``, ``w_beta``) with an update of its own, an Adam
+    step whose size derives from the run length (:mod:`recm_opt.schedule`), so that the
+    relaxation learned is the same under AdamW, SGD, LBFGS or any other optimizer.
+
     Args:
-        optimizer: the inner optimizer over the model's parameters (AdamW, SGD, ...).
+        optimizer: the inner optimizer over the model's parameters (AdamW, SGD, LBFGS, ...).
         model: the model holding the ``@relaxed`` layers (plain, compiled or DDP-wrapped).
         group: the symmetry group's generating set ``C_G`` (default SO(3)).
         target: representation of the model's target; ``None`` for input-only
             ``l_theta(z)``. Default: undeclared, which accepts one number per unit
             (class labels, scalar regression) and rejects other targets at the first
             step with the declaration to add.
-        a: the one task knob of ``gamma_t = a / (b + a t)`` (grid 1e-1 .. 1e-5).
-        b: the offset of ``gamma_t``.
-        state_dim: m, the size of each layer's state ``h``.
         example: model inputs for one forward (no grad, eval mode) that reads each
             layer's input width, needed when the representations do not declare every
             feature size (a tensor, a tuple of positional inputs or a dict of keywords).
-        hidden: width of ``r_theta``'s hidden layer.
-        max_units: units of each captured batch kept for ``l_theta``.
-        prune_eps: terms with ``|alpha| < prune_eps`` are pruned in eval and export.
-        prune_z: a layer's terms are also pruned while ``||h||^2 < prune_z^2 * noise_var``:
-            ``h`` does not stand out of its own sampling noise (``noise_var``, the realised
-            variance of ``h`` when the data are symmetric). Scale-free, so pruning does not
-            depend on ``r_theta``'s size or the modulation's learning rate. ``0``: the
-            ``prune_eps`` test alone.
-        alpha_fn: the map ``s`` of ``alpha = s(w_alpha . h)``: ``"gelu"`` or ``"odd_gelu"``
-            (``sign(x) GELU(|x|)``: no flat minimum where alpha can get stuck at -0.17).
-        weight_radius: Frobenius-norm radius of every unconstrained term's parameters.
-        lr: learning rate of the modulation param group (default: the inner default).
-        weight_decay: weight decay of the modulation param group.
-        beta_fn: the map ``k`` with ``k(0) = 1`` (default ``1 + tanh``).
-        skip_pruned: skip pruned terms also in training forwards (faster; changes dynamics).
-        skip_nonfinite: skip the whole step when any gradient is NaN/Inf.
-        seed: seed of the private generator for initialisation and subsampling.
-        foreach: batch RECM's work across layers (the samples, ``r_theta``, the ``h``
-            update, the kept/pruned flags and the training coefficients with the newest
-            term's gradient), so that its number of kernels per step does not grow with
-            the number of layers. ``None`` (default) and ``True``: batched wherever the
-            modulations allow; ``False``: the per-layer reference loop, the same maths
-            (equal to rounding; tests compare them in float64).
+        total_steps: the run length in optimizer steps, from which ``a`` and RECM's step size
+            derive. ``None``: read at the first step from an attached LR scheduler that knows
+            it (``OneCycleLR``, ``CosineAnnealingLR``, ...); failing that, RECM warns once and
+            assumes an open-ended run.
+        config: expert settings (:class:`RECMConfig`).
+        **settings: any :class:`RECMConfig` field by name (``a=1e-3``, ``lr=...``); wins over ``config``.
 
     Example:
         >>> import torch
@@ -126,7 +168,8 @@ class RECMOptimizer(Optimizer):
         ...     def unconstrained(self, term, z):
         ...         return self.un(z)
         >>> model = Layer()
-        >>> opt = RECMOptimizer(torch.optim.AdamW(model.parameters()), model, target=Vector("b xyz"))
+        >>> opt = RECMOptimizer(torch.optim.AdamW(model.parameters()), model, target=Vector("b xyz"),
+        ...                     total_steps=100)
         >>> x = torch.randn(8, 3)
         >>> model(x).pow(2).sum().backward()
         >>> _ = opt.step(target=x)
@@ -146,24 +189,11 @@ class RECMOptimizer(Optimizer):
         model: nn.Module,
         group: Group | None = None,
         target: Representation | Undeclared | None = _UNDECLARED,
-        a: float = 1e-3,
-        b: float = 1.0,
-        state_dim: int = 16,
         *,
         example: Any = None,
-        hidden: int = 16,
-        max_units: int = 256,
-        prune_eps: float = 0.01,
-        prune_z: float = 3.0,
-        alpha_fn: str = "gelu",
-        weight_radius: float = 1.0,
-        lr: float | None = None,
-        weight_decay: float = 0.0,
-        beta_fn: Callable[[Tensor], Tensor] = one_plus_tanh,
-        skip_pruned: bool = False,
-        skip_nonfinite: bool = True,
-        seed: int = 0,
-        foreach: bool | None = None,
+        total_steps: int | None = None,
+        config: RECMConfig | None = None,
+        **settings: Any,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -173,16 +203,35 @@ class RECMOptimizer(Optimizer):
             raise TypeError(f"group must be a recm_opt Group (e.g. SO3Generators()), got {group!r}")
         if target is not None and not isinstance(target, (Representation, Undeclared)):
             raise TypeError(f"target must be a Representation or None, got {target!r}")
-        _validate(a=a, b=b, state_dim=state_dim, hidden=hidden, max_units=max_units, prune_eps=prune_eps,
-                  prune_z=prune_z, alpha_fn=alpha_fn, weight_radius=weight_radius, lr=lr, weight_decay=weight_decay,
-                  beta_fn=beta_fn, seed=seed)
+        if config is not None and not isinstance(config, RECMConfig):
+            raise TypeError(f"config must be a RECMConfig, got {type(config).__name__}")
+        fields = {f.name for f in dataclasses.fields(RECMConfig)}
+        unknown = sorted(set(settings) - fields)
+        if unknown:
+            raise TypeError(f"RECMOptimizer got unexpected keyword arguments {unknown}; its settings are "
+                            f"{sorted(fields)} (see RECMConfig)")
+        cfg = dataclasses.replace(config or RECMConfig(), **settings)
+        if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
+                                        or total_steps < 1):
+            raise ValueError(f"total_steps must be an int >= 1 or None, got {total_steps!r}")
+        _validate(**{f: getattr(cfg, f) for f in fields if f not in ("skip_pruned", "skip_nonfinite", "foreach")})
+        a, b, state_dim, hidden, max_units = cfg.a, cfg.b, cfg.state_dim, cfg.hidden, cfg.max_units
+        prune_eps, prune_z, alpha_fn, weight_radius = cfg.prune_eps, cfg.prune_z, cfg.alpha_fn, cfg.weight_radius
+        beta_fn, skip_pruned, skip_nonfinite, seed, foreach = (cfg.beta_fn, cfg.skip_pruned, cfg.skip_nonfinite,
+                                                               cfg.seed, cfg.foreach)
         if foreach is not None and not isinstance(foreach, bool):
             raise TypeError(f"foreach must be True, False or None, got {foreach!r}")
+        self.config = cfg
         self.foreach = foreach is not False
         self.inner = optimizer
         self.group = group if group is not None else SO3Generators()
         self.target = target
-        self.a, self.b, self.prune_eps, self.weight_radius = float(a), float(b), float(prune_eps), float(weight_radius)
+        self.b, self.prune_eps, self.weight_radius = float(b), float(prune_eps), float(weight_radius)
+        self.total_steps: int | None = total_steps
+        self._length_known = total_steps is not None
+        self._set_defaults()
+        self._modstep = ModulationStep()
+        self._clock = 0  # RECM's own steps taken: the clock of its step size
         self.prune_z, self.alpha_fn = float(prune_z), alpha_fn
         self.max_units, self.skip_nonfinite = max_units, skip_nonfinite
         self.skipped_steps, self._skip_run = 0, 0
@@ -194,8 +243,7 @@ class RECMOptimizer(Optimizer):
             self._book.check_group(target, target.size, "target")
         mods = self._plan(found, model, example, state_dim=state_dim, hidden=hidden, seed=seed, beta_fn=beta_fn)
         owners = self._owners(found)
-        extra = {"lr": lr} if lr is not None else {}
-        new_group = recm_group(optimizer, mods, {"weight_decay": weight_decay, "recm": True, **extra})
+        new_group = recm_group(optimizer, mods, {"lr": self.lr, "weight_decay": cfg.weight_decay, "recm": True})
         super().__init__(optimizer.param_groups, optimizer.defaults)
         # Share, don't copy: schedulers and add_param_group must see the inner groups.
         self.param_groups = optimizer.param_groups
@@ -224,10 +272,10 @@ class RECMOptimizer(Optimizer):
             model.register_load_state_dict_pre_hook(_checkpoint.check_model)
         if new_group is not None:
             move_out(optimizer, new_group)
-            if single_group(optimizer):  # LBFGS: one group only, its parameter list cached by reference
-                optimizer.param_groups[0]["params"].extend(new_group["params"])
-            else:
-                optimizer.add_param_group(new_group)
+            optimizer.add_param_group(new_group)
+        self._adopt_inner_state()
+        if self._layers:
+            self._clock = max(int(layer.mod.t) for layer in self._layers)
         elif not self._layers:
             warnings.warn("RECMOptimizer found no @relaxed layers in the model; it acts as the inner optimizer",
                           stacklevel=2)
@@ -303,6 +351,8 @@ class RECMOptimizer(Optimizer):
                 target, or one target stands for forwards of several backward passes.
         """
         self._check_attached()
+        if not self._length_known:
+            self._resolve_length()
         if closure is not None and _needs_closure(self.inner):
             return self._closure_step(closure, target)
         loss = None
@@ -313,14 +363,17 @@ class RECMOptimizer(Optimizer):
             self.observe(target)
         self._book.check()
         captured = self._book.take()
-        if self.skip_nonfinite and not self._grad_flags()[0]:
+        finite, nonzero = self._grad_flags() if self.skip_nonfinite or self._own_params() else (True, True)
+        if self.skip_nonfinite and not finite:
             self._samples(captured, check=True)  # counts the NaN/Inf samples behind the NaN gradient
             self._skip()
             return loss
         self._skip_run = 0
         sync_grads(self._layers)
-        self._fill_fused_grads()
-        self._inner_step()
+        with self._without_own_groups():
+            self._inner_step()
+        if nonzero:  # a step whose every gradient is zero (distributed checkpointing's probe) moves nothing
+            self._own_step()
         self._project()
         self._update_states(self._samples(captured))  # a NaN/Inf sample is counted and left out
         return loss
@@ -344,11 +397,14 @@ class RECMOptimizer(Optimizer):
         self._book.check()
         self._in_closure = True  # the closure's zero_grad() must not drop its first evaluation
         try:
-            loss = self._inner_step(evaluate)
+            with self._without_own_groups():
+                loss = self._inner_step(evaluate)
         finally:
             self._in_closure = False
         self._book.check()
         captured = self._book.take()
+        sync_grads(self._layers)
+        self._own_step()
         self._project()
         self._update_states(self._samples(captured))
         return loss
@@ -375,14 +431,81 @@ class RECMOptimizer(Optimizer):
             pre.update(saved[0])
             post.update(saved[1])
 
-    def _fill_fused_grads(self) -> None:
-        # r_theta's first gradient comes one step after w_beta's (through the newest term);
-        # fused optimizers need every parameter of a group to start together.
-        for group in self.param_groups:
-            if group.get("recm") and group.get("fused") and any(p.grad is not None for p in group["params"]):
-                for p in group["params"]:
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
+    @contextlib.contextmanager
+    def _without_own_groups(self) -> Iterator[None]:
+        """Take RECM's param group out of the shared ``param_groups`` while the inner optimizer steps.
+
+        The inner optimizer (and any wrapper around it, e.g. Lookahead, which reads the same
+        list) then neither sees nor steps the modulation parameters; RECM steps them itself.
+        """
+        groups = self.param_groups
+        own = [(i, g) for i, g in enumerate(groups) if g.get("recm")]
+        for i, _ in reversed(own):
+            del groups[i]
+        try:
+            yield
+        finally:
+            for i, g in own:
+                groups.insert(i, g)
+
+    def _own_set(self) -> set[Tensor]:
+        return {p for g in self.param_groups if g.get("recm") for p in g["params"]}
+
+    def _own_params(self) -> list[Tensor]:
+        """The parameters RECM steps: its group's, less ``r_theta``'s output bias.
+
+        That bias cancels in ``l_theta = r_theta(z) - mean_g r_theta(g z)``: its exact gradient
+        is zero, and a scale-free step would turn the rounding noise of its computed gradient
+        into motion.
+        """
+        cancel = {id(layer.mod.r_theta[2].bias) for layer in self._layers
+                  if isinstance(getattr(layer.mod, "r_theta", None), nn.Sequential)}
+        return [p for g in self.param_groups if g.get("recm") for p in g["params"] if id(p) not in cancel]
+
+    def _set_defaults(self) -> None:
+        """``a`` and RECM's peak step size: explicit settings, else derived from the run length."""
+        derived = run_defaults(self.total_steps)
+        self.a = float(self.config.a) if self.config.a is not None else derived.a
+        self.lr = float(self.config.lr) if self.config.lr is not None else derived.lr
+        for g in self.param_groups if getattr(self, "_shared", False) else []:
+            if g.get("recm"):
+                g["lr"] = self.lr
+
+    def _resolve_length(self) -> None:
+        """At the first step: read the run length from an attached scheduler, or say what is assumed."""
+        self._length_known = True
+        if not self.captures_inputs or not self._own_params():
+            return
+        lengths = {n for n in map(run_length, attached_schedulers(self, self.inner)) if n is not None}
+        if len(lengths) == 1:
+            self.total_steps = lengths.pop()
+            self._set_defaults()
+            return
+        d = run_defaults(None)
+        warnings.warn(
+            "RECMOptimizer does not know the run length (pass total_steps=, or attach an LR scheduler that knows "
+            f"it, such as OneCycleLR or CosineAnnealingLR); it assumes an open-ended run: a = "
+            f"{self.a if self.config.a is not None else d.a:g}, RECM's step size min({self.lr:g}, 0.5 / sqrt(k + 1)) "
+            "at its k-th step", stacklevel=_user_stacklevel())
+
+    def _own_step(self) -> None:
+        """RECM's own Adam step on the modulation parameters (:mod:`recm_opt.schedule`)."""
+        params = self._own_params()
+        if not params:
+            return
+        lr = modulation_lr(self._clock, self.lr, self.total_steps)
+        for g in self.param_groups:
+            if g.get("recm"):
+                g["lr"] = lr  # what RECM used, for loggers; a scheduler's value here is not used
+        self._modstep.step(params, lr, float(self.config.weight_decay))
+        self._clock += 1
+
+    def _adopt_inner_state(self) -> None:
+        """Move any inner-optimizer state of the modulation parameters into RECM's own (older checkpoints)."""
+        for p in [p for g in self.param_groups if g.get("recm") for p in g["params"]]:
+            state = self.state.pop(p, None)
+            if state:
+                self._modstep.adopt(p, state)
 
     def _grad_flags(self) -> tuple[bool, bool]:
         """Return (every gradient is finite, some gradient is non-zero) with one host sync.
@@ -519,6 +642,11 @@ class RECMOptimizer(Optimizer):
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         sd = _checkpoint.save(self.inner, self.param_groups, self._layers, self.skipped_steps, self._book.rng)
+        # RECM's own moments sit in each modulation parameter's state entry (every one has an entry,
+        # of fixed shape, so that distributed checkpointing finds state for every trained parameter)
+        for i, p in enumerate(p for g in self.param_groups for p in g["params"]):
+            if p in self._own_set():
+                sd["state"][i] = {**sd["state"].get(i, {}), **self._modstep.entry(p)}
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, sd)
             sd = result if result is not None else sd
@@ -545,6 +673,12 @@ class RECMOptimizer(Optimizer):
         current = [id(p) for g in self.param_groups for p in g["params"]]
         matched = _checkpoint.match(self._layers, entries, saved, current)
         _checkpoint.check(matched)
+        names = {id(p): n for layer in self._layers for n, p in layer.mod.named_parameters(prefix=layer.name)}
+        own = {pos: p for pos, p in enumerate(p for g in self.param_groups for p in g["params"])
+               if p in self._own_set()}
+        moments = {p: entries.get(saved[pos], {}) for pos, p in own.items() if pos < len(saved)}
+        for p, entry in moments.items():
+            ModulationStep.check_entry(names.get(id(p), "a RECM parameter"), p, entry)
         if len(groups) != len(self.param_groups) or any(
                 len(g["params"]) != len(c["params"]) for g, c in zip(groups, self.param_groups)):
             raise ValueError("the checkpoint's param groups "
@@ -559,6 +693,13 @@ class RECMOptimizer(Optimizer):
                 continue
             steps = _checkpoint.restore(layer, entry, self._book.rng)
             self.skipped_steps = steps if steps is not None else self.skipped_steps
+        for p, entry in moments.items():
+            if not self._modstep.load_entry(p, entry):
+                self._modstep.state.pop(p, None)
+                self._modstep.steps.pop(p, None)
+        self._adopt_inner_state()  # a checkpoint from before RECM's own update: the inner Adam's moments
+        if self._layers:
+            self._clock = max(int(layer.mod.t) for layer in self._layers)
         self._refresh_live()
         self._reset_coefficients()
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
@@ -622,6 +763,18 @@ class RECMOptimizer(Optimizer):
         return f"{type(self).__name__}({type(self.inner).__name__}, layers={len(self._layers)}, group={self.group!r})"
 
 
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` of a warning raised here that names the user's line, not torch's or ours."""
+    import sys
+    from pathlib import Path
+
+    ours = (str(Path(__file__).parent), str(Path(torch.__file__).parent), str(Path(contextlib.__file__).parent))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(ours):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def _needs_closure(inner: Optimizer) -> bool:
     """Whether the inner optimizer's ``step`` requires a closure (LBFGS evaluates it itself)."""
     param = inspect.signature(type(inner).step).parameters.get("closure")
@@ -638,7 +791,8 @@ def _validate(**kw: Any) -> None:
         if not math.isfinite(v):
             raise ValueError(f"{key} must be finite, got {v!r}")
 
-    finite("a", 0, True)
+    if kw["a"] is not None:
+        finite("a", 0, True)
     finite("b", 0, True)
     finite("prune_z", 0, False)
     if kw["alpha_fn"] not in ALPHA_FNS:

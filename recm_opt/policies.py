@@ -276,7 +276,7 @@ class EquivarianceSchedule(_Policy):
             raise ValueError(f"lie_algebra must have shape (k, d, d), got {tuple(algebra.shape)}")
         self.total_steps, self.peak, self.reg_weight = total_steps, float(peak), float(reg_weight)
         self.lie_algebra = algebra
-        super().__init__(optimizer, model, group, target, **kwargs)
+        super().__init__(optimizer, model, group, target, total_steps=total_steps, **kwargs)
         if zero_init:
             with torch.no_grad():
                 for layer in self._layers:

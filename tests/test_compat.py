@@ -17,6 +17,7 @@ from torch.optim import lr_scheduler
 from torch.optim.swa_utils import SWALR
 
 import recm_opt as recm
+from recm_opt.schedule import modulation_lr
 from recm_opt.optimizer import RECMOptimizer
 
 
@@ -67,7 +68,7 @@ SCHEDULERS: dict[str, Callable[[torch.optim.Optimizer], object]] = {
 }
 
 
-def _scheduled_lrs(wrapped: bool, name: str, steps: int = 4) -> list[list[float]]:
+def _scheduled_lrs(wrapped: bool, name: str, steps: int = 4, used: list[float] | None = None) -> list[list[float]]:
     model = TinyNet()
     params = [p for n, p in model.named_parameters()]
     inner = torch.optim.AdamW(params, lr=0.05)
@@ -76,6 +77,9 @@ def _scheduled_lrs(wrapped: bool, name: str, steps: int = 4) -> list[list[float]
     lrs = []
     for i in range(steps):
         train_step(model, opt, seed=i)
+        if used is not None:  # RECM's group holds the step size RECM just used
+            used.append(opt.param_groups[-1]["lr"])
+            assert used[-1] == pytest.approx(modulation_lr(i, opt.lr, opt.total_steps))
         if name == "ReduceLROnPlateau":
             sched.step(1.0)  # a flat metric: the plateau rule fires every step
         else:
@@ -86,13 +90,15 @@ def _scheduled_lrs(wrapped: bool, name: str, steps: int = 4) -> list[list[float]
 
 @pytest.mark.parametrize("name", list(SCHEDULERS))
 def test_scheduler_on_wrapper_changes_inner_learning_rates(name: str) -> None:
-    """A scheduler attached to the wrapper drives the inner groups exactly as on the bare optimizer."""
-    wrapped, bare = _scheduled_lrs(True, name), _scheduled_lrs(False, name)
+    """A scheduler attached to the wrapper drives the inner groups exactly as on the bare optimizer.
+
+    RECM's group keeps RECM's own step size (its schedule, not the scheduler's): it is what RECM used.
+    """
+    used: list[float] = []
+    wrapped, bare = _scheduled_lrs(True, name, used=used), _scheduled_lrs(False, name)
     assert [lrs[0] for lrs in wrapped] == [lrs[0] for lrs in bare]
     assert len({lrs[0] for lrs in wrapped}) > 1, "the schedule never changed the learning rate"
-    # The RECM group is scheduled as well (same factor as the model group).
-    for lrs in wrapped:
-        assert lrs[-1] == pytest.approx(lrs[0])
+    assert len(used) == 4
 
 
 # ----------------------------------------------------------------------------- 3. hooks
@@ -153,9 +159,11 @@ def test_inner_state_keys_match_an_unwrapped_run(name: str) -> None:
     assert {"enc.weight", "dec.weight"} <= set(bare_keys)
     wrapped = dict(model.named_parameters())
     assert {n: set(inner.state[wrapped[n]]) for n in bare_keys} == bare_keys
-    # Every other parameter (ours included) gets the same kind of state, and nothing of ours lives there.
+    # Every other model parameter gets the same kind of state; RECM's own parameters get none there
+    # (RECM steps them itself).
     (expected,) = {frozenset(k) for k in bare_keys.values()}
-    assert len(inner.state) == len(wrapped)
+    own = {id(p) for g in opt.param_groups if g.get("recm") for p in g["params"]}
+    assert len(inner.state) == len(wrapped) - len(own) and not any(id(p) in own for p in inner.state)
     for st in inner.state.values():
         assert set(st) == expected
     assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -91,9 +91,9 @@ def test_step_order_inner_then_projection_then_h():
     (model(x) - y).pow(2).mean().backward()
     opt.step(target=y)
     mod = model.layers[0].recm_modulation
-    expected = gamma(1, 1e-3, 1.0) * mod.l_theta(mod.newest)
+    expected = gamma(1, opt.a, 1.0) * mod.l_theta(mod.newest)
     torch.testing.assert_close(mod.h, expected.detach())
-    assert int(mod.t) == 1 and float(mod.gamma_t) == pytest.approx(1e-3 / 1.001)
+    assert int(mod.t) == 1 and float(mod.gamma_t) == pytest.approx(opt.a / (1 + opt.a))
 
 
 def test_theta_gets_gradient_only_through_newest_term():

@@ -35,7 +35,8 @@ def build(seed: int = 0) -> tuple[TinyNet, RECMOptimizer]:
     model = TinyNet(seed)
     # AdamW with weight decay: a step at lr = 0 must still move nothing.
     inner = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    return model, RECMOptimizer(inner, model, target=recm.Vector("b xyz"), a=0.1, example=example(model))
+    return model, RECMOptimizer(inner, model, target=recm.Vector("b xyz"), a=0.1, example=example(model),
+                                total_steps=1000)
 
 
 
@@ -83,7 +84,7 @@ def test_get_set_optimizer_state_dict_round_trips_recm_state() -> None:
     entry = osd["state"]["dec.recm_modulation.w_beta"]
     assert {"recm_layer", "recm_newest"} <= set(entry) and entry["recm_layer"] == "dec"
     assert {"dec.recm_modulation.h", "dec.recm_modulation.t", "dec.recm_modulation.gamma_t"} <= set(msd)
-    assert {"exp_avg", "exp_avg_sq"} <= set(entry)  # the inner state of w_beta is still there
+    assert {"recm_exp_avg", "recm_exp_avg_sq", "recm_step"} <= set(entry)  # RECM's own moments of w_beta
 
     other, other_opt = build(seed=5)
     set_model_state_dict(other, msd)

@@ -50,7 +50,8 @@ class HygieneNet(nn.Module):
 
 
 def wrap(model: nn.Module, inner: torch.optim.Optimizer, **kw: Any) -> RECMOptimizer:
-    return RECMOptimizer(inner, model, target=recm.Vector("b xyz"), a=0.1, example=example(model), **kw)
+    return RECMOptimizer(inner, model, target=recm.Vector("b xyz"), a=0.1, example=example(model),
+                         total_steps=kw.pop("total_steps", 1000), **kw)
 
 
 def modulations(model: nn.Module) -> list[nn.Module]:
@@ -243,9 +244,11 @@ def test_extra_forwards_never_change_captured_statistics(extra: str | None, reen
     assert units == ref_units == [16, 16]  # one batch of 16 units per step, never counted twice
     if reentrant:
         # The recomputed backward sums the same gradient terms in another order (ulps, in w_beta's
-        # gradient); the captured inputs themselves are the same tensors.
+        # gradient); the captured inputs themselves are the same tensors. RECM's own Adam step
+        # divides by the gradient's running RMS, which carries those ulps into the next steps' values:
+        # float32 ulps (1.2e-7) of values of order 1, absolute.
         for a, b in zip(state, reference):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=2 * torch.finfo(torch.float32).eps)
     else:
         assert_identical(state, reference)
 

@@ -168,10 +168,11 @@ def test_corrupt_optimizer_checkpoint_is_checked_whole_and_changes_nothing() -> 
     entry = next(e for e in osd["state"].values() if e.get("recm_layer") == "dec")
     entry["recm_newest"] = torch.full_like(entry["recm_newest"], float("nan"))
     inner_before = copy.deepcopy(opt.inner.state_dict())
+    lrs = [g["lr"] for g in opt.param_groups]
     newest = model.enc.recm_modulation.newest
     with pytest.raises(ValueError, match=r"layer 'dec', recm_newest: holds NaN"):
         opt.load_state_dict(osd)
-    assert all(g["lr"] == 1e-2 for g in opt.param_groups)
+    assert [g["lr"] for g in opt.param_groups] == lrs
     after = opt.inner.state_dict()
     for k, v in inner_before["state"].items():
         for name, t in v.items():

@@ -1,0 +1,3 @@
+from benchmarks.tuning_free.run import main
+
+main()
