@@ -28,7 +28,15 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from .modulation import Modulation, _in_backward, _r_theta_tensors, alpha_map, alpha_map_backward, is_standard
+from .modulation import (
+    Modulation,
+    _in_backward,
+    _r_theta_tensors,
+    alpha_map,
+    alpha_map_backward,
+    is_standard,
+    ranks_mean,
+)
 
 
 def _keep(t: Tensor) -> Tensor:
@@ -116,6 +124,7 @@ class _Coefficients(torch.autograd.Function):
         w1, b1, w2 = r_theta
         # the gradient reaching h's newest term, gamma_t (l - stop_grad(l))
         g_l = gamma_t[:, None] * (torch.bmm(ds[:, None, :], w_alpha)[:, 0] + du[:, None] * w_beta)  # (G, m)
+        g_l = ranks_mean(g_l)  # DDP: dL/dl of the whole batch (see modulation._GlobalGrad)
         n, c, units, d = newest.shape
         x = newest.reshape(n, c * units, d)
         pre = torch.baddbmm(b1[:, :, None], w1, x.transpose(1, 2))  # (G, hidden, R)

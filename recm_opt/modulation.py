@@ -82,6 +82,34 @@ def kept_terms(alpha: Tensor, h: Tensor, noise_var: Tensor | None, prune_eps: fl
     return keep
 
 
+def ranks_mean(x: Tensor) -> Tensor:
+    """The mean of ``x`` over the DDP ranks (``x`` itself in one process)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1):
+        return x
+    x = x.contiguous().clone()
+    torch.distributed.all_reduce(x)
+    return x / torch.distributed.get_world_size()
+
+
+class _GlobalGrad(torch.autograd.Function):
+    """Identity whose backward averages the incoming gradient over the DDP ranks.
+
+    The newest term of ``h`` is ``gamma_t`` times the ranks' mean ``l``; each rank differentiates
+    its own ``l``, so ``theta``'s gradient is ``J_r^T dL/dl`` with ``dL/dl`` of the whole batch
+    (the ranks' mean), and the ranks' mean of that (the optimizer's gradient sync) is the
+    one-process gradient. Without it, the mean of the per-rank products would differ.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:  # noqa: D102
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:  # noqa: D102
+        return ranks_mean(grad)
+
+
 def gamma(t: int | Tensor, a: float, b: float = 1.0) -> float | Tensor:
     """Return the step size ``gamma_t = a / (b + a t)`` of the h recurrence (t counts from 1).
 
@@ -404,6 +432,8 @@ class Modulation(nn.Module):
         if not with_grad or self.newest is None:
             return self.h
         l = self.l_theta(self.newest)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            l = _GlobalGrad.apply(l)
         return self.h + self.gamma_t * (l - l.detach())
 
     def coefficients(self, with_grad: bool = False) -> tuple[Tensor, Tensor]:

@@ -21,7 +21,8 @@ Methods, with the same data, budget, seeds and inner optimizer (Adam, lr 1e-3):
   branch norm)) and zero-initialised branch, direction maps relaxed too;
 - ``rpp:<w>`` (``rpp:<w>:dec``): ``recm.ResidualPathwayPrior`` with residual prior ``w``,
   equivariant prior 1e-3, prior in the gradient (decoupled proximal step), every map relaxed;
-- ``recm``: ``recm.RECMOptimizer`` with its defaults (``a = 1e-3``, |C_G| = 2).
+- ``recm``: ``recm.RECMOptimizer`` at its defaults, told the run length (``a`` and its own step
+  size derived from it; |C_G| = 2); ``recm:<a>`` sets ``a``.
 
 Usage::
 
@@ -115,8 +116,9 @@ def build(method: str, channels: tuple[int, ...], total_steps: int, lr: float,
         return model, recm.ResidualPathwayPrior(inner, model, residual_prior=spec["residual_prior"],
                                                 decoupled=spec["decoupled"])
     example = torch.randn(1, 64, 3, generator=torch.Generator().manual_seed(0))  # sizes r_theta, no global RNG
+    settings = {"a": spec["a"]} if "a" in spec else {}  # else: derived from the run length
     return model, recm.RECMOptimizer(inner, model, group=group or recm.SO3Generators(), target=recm.Invariant("b"),
-                                     a=spec.get("a", 1e-3), example=example)
+                                     example=example, total_steps=total_steps, **settings)
 
 
 def recm_alphas(opt: torch.optim.Optimizer) -> dict[str, list[float]]:
