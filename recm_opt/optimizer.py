@@ -385,6 +385,8 @@ class RECMOptimizer(Optimizer):
         (paired with ``target`` when given); the line search's re-evaluations are not captured.
         """
         calls = 0
+        own = self._own_params()
+        first: list[Tensor | None] = []
 
         def evaluate() -> Any:
             nonlocal calls
@@ -392,7 +394,10 @@ class RECMOptimizer(Optimizer):
             bind = self._book.bind(target) if target is not None else contextlib.nullcontext()
             pause = self._book.paused() if calls > 1 else contextlib.nullcontext()
             with torch.enable_grad(), bind, pause:
-                return closure()
+                loss = closure()
+            if calls == 1:  # RECM steps on the gradient of the evaluation whose inputs it captured
+                first.extend(p.grad.clone() if p.grad is not None else None for p in own)
+            return loss
 
         self._book.check()
         self._in_closure = True  # the closure's zero_grad() must not drop its first evaluation
@@ -403,6 +408,8 @@ class RECMOptimizer(Optimizer):
             self._in_closure = False
         self._book.check()
         captured = self._book.take()
+        for p, g in zip(own, first):
+            p.grad = g
         sync_grads(self._layers)
         self._own_step()
         self._project()
@@ -442,9 +449,11 @@ class RECMOptimizer(Optimizer):
         own = [(i, g) for i, g in enumerate(groups) if g.get("recm")]
         for i, _ in reversed(own):
             del groups[i]
+        self._taken_out = [g for _, g in own]  # zero_grad() still reaches them (a closure calls it)
         try:
             yield
         finally:
+            self._taken_out = []
             for i, g in own:
                 groups.insert(i, g)
 
@@ -610,6 +619,11 @@ class RECMOptimizer(Optimizer):
         (Lightning calls ``zero_grad`` between ``training_step`` and ``backward``).
         """
         self.inner.zero_grad(set_to_none=set_to_none)
+        for p in [p for g in getattr(self, "_taken_out", []) for p in g["params"] if p.grad is not None]:
+            if set_to_none:
+                p.grad = None
+            else:
+                p.grad.detach_().zero_()
         if not getattr(self, "_in_closure", False):
             self._book.drop_backed()
 

@@ -138,7 +138,9 @@ def attached_schedulers(*optimizers: Optimizer) -> list[Any]:
         for obj in owners:
             if isinstance(obj, _sched.LRScheduler) and id(obj.optimizer) in ids and obj not in out:
                 out.append(obj)
-    return out
+    # the parts of a SequentialLR / ChainedScheduler are not schedules of their own
+    parts = {id(s) for o in out for s in getattr(o, "_schedulers", [])}
+    return [o for o in out if id(o) not in parts]
 
 
 class ModulationStep:
