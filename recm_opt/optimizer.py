@@ -71,6 +71,7 @@ __all__ = ["RECMConfig", "RECMOptimizer", "layer_name"]
 # The default target: one number per unit (labels, scalars); other shapes ask for a declaration.
 _UNDECLARED = Undeclared()
 _SKIP_WARN = 10  # consecutive skipped steps before a warning
+_EPOCH_CHECK = 20  # optimizer steps after which a scheduler that gave the run length must have kept pace
 
 
 @dataclass(frozen=True)
@@ -485,9 +486,10 @@ class RECMOptimizer(Optimizer):
         self._length_known = True
         if not self.captures_inputs or not self._own_params():
             return
-        lengths = {n for n in map(run_length, attached_schedulers(self, self.inner)) if n is not None}
-        if len(lengths) == 1:
-            self.total_steps = lengths.pop()
+        found = [(s, n) for s in attached_schedulers(self, self.inner) if (n := run_length(s)) is not None]
+        if len({n for _, n in found}) == 1:
+            self.total_steps = found[0][1]
+            self._length_from = weakref.ref(found[0][0])
             self._set_defaults()
             return
         d = run_defaults(None)
@@ -508,6 +510,14 @@ class RECMOptimizer(Optimizer):
                 g["lr"] = lr  # what RECM used, for loggers; a scheduler's value here is not used
         self._modstep.step(params, lr, float(self.config.weight_decay))
         self._clock += 1
+        if self._clock == _EPOCH_CHECK and getattr(self, "_length_from", None) is not None:
+            sched = self._length_from()
+            if sched is not None and sched.last_epoch < _EPOCH_CHECK // 2:
+                warnings.warn(
+                    f"the run length {self.total_steps} came from {type(sched).__name__}, which has stepped "
+                    f"{sched.last_epoch} times in {_EPOCH_CHECK} optimizer steps (once per epoch?), so it counts "
+                    "epochs; pass RECMOptimizer(total_steps=<optimizer steps of the whole run>)",
+                    stacklevel=_user_stacklevel())
 
     def _adopt_inner_state(self) -> None:
         """Move any inner-optimizer state of the modulation parameters into RECM's own (older checkpoints)."""
@@ -774,7 +784,8 @@ class RECMOptimizer(Optimizer):
                 for layer in self._layers]
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({type(self.inner).__name__}, layers={len(self._layers)}, group={self.group!r})"
+        return (f"{type(self).__name__}({type(self.inner).__name__}, layers={len(self._layers)}, group={self.group!r}, "
+                f"total_steps={self.total_steps}, a={self.a:.3g}, lr={self.lr:.3g})")
 
 
 def _user_stacklevel() -> int:

@@ -270,3 +270,16 @@ def test_corrupt_moments_are_named_and_change_nothing() -> None:
             opt.load_state_dict(osd)
         for p, st in before:
             assert all(torch.equal(st[k], opt._modstep.state[p][k]) for k in st)
+
+
+def test_a_scheduler_stepped_per_epoch_is_named() -> None:
+    """A length read from a scheduler that steps once per 10 optimizer steps: one warning saying it counts epochs."""
+    model = TinyNet()
+    opt = _wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), total_steps=None)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=5)
+    with pytest.warns(UserWarning, match=r"run length 5 came from CosineAnnealingLR.*once per epoch"):
+        for k in range(20):
+            _train(model, opt, 1)
+            if k % 10 == 9:
+                sched.step()
+    assert "total_steps=5" in repr(opt)
