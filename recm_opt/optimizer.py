@@ -274,12 +274,12 @@ class RECMOptimizer(Optimizer):
         if new_group is not None:
             move_out(optimizer, new_group)
             optimizer.add_param_group(new_group)
-        self._adopt_inner_state()
-        if self._layers:
-            self._clock = max(int(layer.mod.t) for layer in self._layers)
         elif not self._layers:
             warnings.warn("RECMOptimizer found no @relaxed layers in the model; it acts as the inner optimizer",
                           stacklevel=2)
+        self._adopt_inner_state()
+        if self._layers:  # a model that carries trained modulations: RECM's clock goes on from their t
+            self._clock = max(int(layer.mod.t) for layer in self._layers)
         self._project()  # feasible from t = 0, so a step that moves nothing projects nothing
         self._refresh_live()
 
@@ -492,12 +492,10 @@ class RECMOptimizer(Optimizer):
             self._length_from = weakref.ref(found[0][0])
             self._set_defaults()
             return
-        d = run_defaults(None)
         warnings.warn(
             "RECMOptimizer does not know the run length (pass total_steps=, or attach an LR scheduler that knows "
-            f"it, such as OneCycleLR or CosineAnnealingLR); it assumes an open-ended run: a = "
-            f"{self.a if self.config.a is not None else d.a:g}, RECM's step size min({self.lr:g}, 0.5 / sqrt(k + 1)) "
-            "at its k-th step", stacklevel=_user_stacklevel())
+            f"it, such as OneCycleLR or CosineAnnealingLR); it assumes an open-ended run: a = {self.a:g}, RECM's "
+            f"step size min({self.lr:g}, 0.5 / sqrt(k + 1)) at its k-th step", stacklevel=_user_stacklevel())
 
     def _own_step(self) -> None:
         """RECM's own Adam step on the modulation parameters (:mod:`recm_opt.schedule`)."""

@@ -4,7 +4,7 @@ One run trains one (architecture, method, data variant, seed). Methods:
 
 - ``plain``: the equivariant network with Adam.
 - ``recm``: the same network with its update maps ``@relaxed``, trained with
-  ``RECMOptimizer(Adam, model, target=Vector("n xyz"))`` at the library defaults.
+  ``RECMOptimizer(Adam, model, target=Vector("n xyz"), total_steps=...)`` at the library defaults.
 - ``es``: the relaxed network under the library's ``EquivarianceSchedule`` (alpha
   follows a triangle over the whole run, the branch is dropped in evaluation).
 
@@ -108,7 +108,7 @@ def make_optimizer(method: str, model: nn.Module, total_steps: int, lr: float,
     if method == "plain":
         return inner
     if method == "recm":
-        return recm.RECMOptimizer(inner, model, target=TARGET, example=example)
+        return recm.RECMOptimizer(inner, model, target=TARGET, example=example, total_steps=total_steps)
     return recm.EquivarianceSchedule(inner, model, target=TARGET, total_steps=total_steps, example=example,
                                      reg_weight=es_reg_weight)
 
