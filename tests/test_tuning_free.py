@@ -31,7 +31,21 @@ INNER: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "Adagrad": lambda ps, lr: torch.optim.Adagrad(ps, lr=lr),
     "LBFGS": lambda ps, lr: torch.optim.LBFGS(ps, lr=lr, max_iter=3),
     "Muon": lambda ps, lr: torch.optim.Muon([p for p in ps if p.dim() == 2], lr=lr),
+    "ScheduleFreeAdamW": lambda ps, lr: _schedule_free(ps, lr),
+    "Lookahead(SGD)": lambda ps, lr: _lookahead(ps, lr),
 }
+
+
+def _schedule_free(ps: list[Tensor], lr: float) -> torch.optim.Optimizer:
+    po = pytest.importorskip("pytorch_optimizer")
+    opt = po.ScheduleFreeAdamW(ps, lr=lr)
+    opt.train()
+    return opt
+
+
+def _lookahead(ps: list[Tensor], lr: float) -> torch.optim.Optimizer:
+    to = pytest.importorskip("torch_optimizer")
+    return to.Lookahead(torch.optim.SGD(ps, lr=lr, momentum=0.9), k=2, alpha=0.5)
 
 
 def _wrap(model: nn.Module, inner: torch.optim.Optimizer, **kw: object) -> RECMOptimizer:
