@@ -40,9 +40,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
-from torch.optim import optimizer as _torch_optimizer
 
 from . import _checkpoint, _update
+from ._validation import check_settings
 from ._capture import Capture, CaptureBook, Undeclared, _all_units, _unravel  # noqa: F401  (_all_units, _unravel: tests)
 from ._coefficients import CoefficientBook
 from ._device import _finite_rows, _host_flags
@@ -237,12 +237,14 @@ class RECMOptimizer(Optimizer):
         self.max_units, self.skip_nonfinite = max_units, skip_nonfinite
         self.skipped_steps, self._skip_run = 0, 0
         self._detached = False
+        self._model, self._model_unchecked = weakref.ref(model), True
         # Everything is checked and built before the model or the inner optimizer changes.
         self._book = CaptureBook(self.group, target if self.captures_inputs else None, max_units, seed)
         found = find_layers(model, optimizer, self._book.check_group)
         if found and self.captures_inputs and isinstance(target, Vector):
             self._book.check_group(target, target.size, "target")
         mods = self._plan(found, model, example, state_dim=state_dim, hidden=hidden, seed=seed, beta_fn=beta_fn)
+        adopted = [f.existing for f in found if f.existing is not None]
         owners = self._owners(found)
         new_group = recm_group(optimizer, mods, {"lr": self.lr, "weight_decay": cfg.weight_decay, "recm": True})
         super().__init__(optimizer.param_groups, optimizer.defaults)
@@ -263,9 +265,10 @@ class RECMOptimizer(Optimizer):
             clear_dead_hooks(layer.module)
             attach(layer)
             layer.mod.__dict__["_owner"] = weakref.ref(self)
-            layer.mod.prune_eps, layer.mod.train_all_live = self.prune_eps, not skip_pruned
-            layer.mod.prune_z, layer.mod.alpha_fn = self.prune_z, alpha_fn
-            layer.mod.beta_fn = beta_fn
+            # one rule in either order of loading and building: the optimizer's settings win
+            layer.mod.adopt_settings(prune_eps=self.prune_eps, prune_z=self.prune_z, alpha_fn=alpha_fn,
+                                     train_all_live=not skip_pruned, beta_fn=beta_fn,
+                                     warn=layer.mod in adopted)
             if self.captures_inputs:
                 layer.handles = self._book.hooks(layer)
         if self._layers and not any(getattr(h, "__wrapped__", None) is _checkpoint.check_model
@@ -817,9 +820,7 @@ def _validate(**kw: Any) -> None:
     if kw["a"] is not None:
         finite("a", 0, True)
     finite("b", 0, True)
-    finite("prune_z", 0, False)
-    if kw["alpha_fn"] not in ALPHA_FNS:
-        raise ValueError(f"alpha_fn must be one of {ALPHA_FNS}, got {kw['alpha_fn']!r}")
+    check_settings(kw["prune_eps"], kw["prune_z"], kw["alpha_fn"])  # as a loaded configuration is checked
     finite("weight_radius", 0, True)
     finite("weight_decay", 0, False)
     if kw["lr"] is not None:
@@ -829,9 +830,6 @@ def _validate(**kw: Any) -> None:
             raise ValueError(f"{key} must be an int >= 1, got {kw[key]!r}")
     if isinstance(kw["seed"], bool) or not isinstance(kw["seed"], int) or kw["seed"] < 0:
         raise ValueError(f"seed must be an int >= 0, got {kw['seed']!r}")
-    eps = kw["prune_eps"]
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < 1:
-        raise ValueError(f"prune_eps must be in [0, 1), got {eps!r}")
     if not callable(kw["beta_fn"]):
         raise TypeError(f"beta_fn must be callable, got {kw['beta_fn']!r}")
     k0 = kw["beta_fn"](torch.zeros(()))

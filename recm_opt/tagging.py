@@ -165,29 +165,21 @@ def _modulation_from_checkpoint(module: nn.Module, state_dict: Mapping[str, Any]
     ``model.load_state_dict`` restore a trained model without an optimizer (evaluation,
     Lightning's resume, which restores the model before ``configure_optimizers``). An
     optimizer built afterwards adopts it, state included.
+
+    The saved modulation is checked first (:func:`~recm_opt.modulation.check_saved`), and a
+    new one is sized by the saved tensors, never by the saved configuration alone: a file
+    of a few kB cannot make the load allocate more. (torch hands each layer only its own
+    keys: with an optimizer attached, its pre-hook checks every layer before any loads.)
     """
+    from .modulation import check_saved, modulation_from_config
+
     key = f"{prefix}{_MODULATION}."
     if _MODULATION in module._modules or not any(k.startswith(key) for k in state_dict):
         return
-    from .modulation import modulation_from_config
-
     tag = get_relaxation(module)
     assert tag is not None
-    from .modulation import config_from
-
-    config = config_from(state_dict.get(key + "_extra_state"))
-    if not isinstance(config, Mapping):  # a checkpoint from recm_opt 0.1: only the standard kind existed
-        weight = state_dict.get(key + "r_theta.0.weight")
-        if not isinstance(weight, Tensor) or weight.dim() != 2 or key + "w_beta" not in state_dict:
-            raise ValueError(f"{key[:-1]}: the checkpoint's modulation has no configuration and no "
-                             "materialised r_theta; it cannot be rebuilt (train one step before saving)")
-        config = {"kind": "recm", "state_dim": state_dict[key + "w_beta"].numel(), "hidden": weight.shape[0],
-                  "in_features": weight.shape[1]}
-    saved_terms = tuple(config.get("terms", tag.term_names))
-    if saved_terms != tag.term_names:
-        raise ValueError(f"{key[:-1]}: the checkpoint's terms {saved_terms} differ from the layer's "
-                         f"{tag.term_names}")
-    mod = modulation_from_config(tag.term_names, dict(config))
+    config = check_saved(state_dict, key, tag.term_names, rebuild=True)
+    mod = modulation_from_config(tag.term_names, config)
     ref = next(iter(module.parameters()), None)
     if ref is not None and ref.is_floating_point():
         mod.to(device=ref.device, dtype=ref.dtype)
