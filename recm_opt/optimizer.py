@@ -430,17 +430,33 @@ class RECMOptimizer(Optimizer):
                           stacklevel=3)
 
     def _inner_step(self, closure: Callable[[], Any] | None = None) -> Any:
-        # Global optimizer step hooks already ran for this optimizer's step: run the inner
-        # step without them, so that they fire once per step (its own hooks still run).
-        pre, post = _torch_optimizer._global_optimizer_pre_hooks, _torch_optimizer._global_optimizer_post_hooks
-        saved = dict(pre), dict(post)
-        pre.clear()
-        post.clear()
-        try:
-            return self.inner.step(closure) if closure is not None else self.inner.step()
-        finally:
-            pre.update(saved[0])
-            post.update(saved[1])
+        """The inner optimizer's step with its own step hooks, without the process-wide ones.
+
+        The global hooks already ran for this optimizer's step; they fire once per step.
+        torch wraps every optimizer class's ``step`` to run both kinds of hooks: this calls
+        the unwrapped ``step`` between the inner optimizer's own hooks, so that nothing
+        process-wide changes (another thread's optimizer keeps its global hooks).
+        """
+        inner = self.inner
+        args: tuple[Any, ...] = (inner,) if closure is None else (inner, closure)
+        kwargs: dict[str, Any] = {}
+        wrapped = type(inner).step
+        raw = getattr(wrapped, "__wrapped__", None) if getattr(wrapped, "hooked", False) else None
+        patched = inner.__dict__.get("step")
+        if raw is None or (patched is not None and not getattr(patched, "_wrapped_by_lr_sched", False)):
+            return inner.step(*args[1:])  # a step torch did not wrap, or one patched on the instance: as it is
+        if patched is not None:
+            inner._opt_called = True  # type: ignore[attr-defined]  # what the LR scheduler's wrapper records
+        for pre_hook in list(inner._optimizer_step_pre_hooks.values()):
+            result = pre_hook(inner, args, kwargs)
+            if result is not None:
+                args, kwargs = result
+        with torch.autograd.profiler.record_function(f"Optimizer.step#{type(inner).__name__}.step"):
+            out = raw(*args, **kwargs)
+        inner._optimizer_step_code()
+        for post_hook in list(inner._optimizer_step_post_hooks.values()):
+            post_hook(inner, args, kwargs)
+        return out
 
     @contextlib.contextmanager
     def _without_own_groups(self) -> Iterator[None]:
