@@ -46,8 +46,14 @@ def layer_entries(layers: list[_Layer], skipped_steps: int, rng: torch.Generator
 
 def save(inner: Optimizer, param_groups: list[dict[str, Any]], layers: list[_Layer], skipped_steps: int,
          rng: torch.Generator) -> dict[str, Any]:
-    """The inner state dict with each layer's RECM entry under its ``w_beta``."""
+    """The inner state dict with each layer's RECM entry under its ``w_beta``.
+
+    An inner optimizer whose own ``state_dict`` has another shape (pytorch_optimizer's
+    ``Lookahead``) is kept whole under ``recm_inner``, beside the standard keys.
+    """
     sd = inner.state_dict()
+    if not _standard(sd):
+        sd = {"state": {}, "param_groups": _packed(param_groups), _INNER: sd}
     index = {id(p): i for i, p in enumerate(chain.from_iterable(g["params"] for g in param_groups))}
     for layer, entry in layer_entries(layers, skipped_steps, rng).items():
         i = index[id(layer.mod.w_beta)]
@@ -55,16 +61,41 @@ def save(inner: Optimizer, param_groups: list[dict[str, Any]], layers: list[_Lay
     return sd
 
 
-def split(state_dict: dict[str, Any]) -> tuple[dict[str, Any], dict[Any, dict[str, Any]]]:
-    """Separate the inner state dict from the ``recm_*`` entries (by state key)."""
-    if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
-        raise ValueError("an optimizer state_dict must have 'state' and 'param_groups' keys, got "
+_INNER = "recm_inner"
+
+
+def _standard(sd: Any) -> bool:
+    return isinstance(sd, dict) and isinstance(sd.get("state"), dict) and isinstance(sd.get("param_groups"), list)
+
+
+def _packed(param_groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The groups as ``Optimizer.state_dict`` writes them: options, and parameters as running indices."""
+    out, start = [], 0
+    for g in param_groups:
+        out.append({**{k: v for k, v in g.items() if k != "params"},
+                    "params": list(range(start, start + len(g["params"])))})
+        start += len(g["params"])
+    return out
+
+
+def split(state_dict: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]], dict[Any, dict[str, Any]]]:
+    """Separate what the inner optimizer loads, the param groups and the ``recm_*`` entries (by state key).
+
+    Raises:
+        ValueError: for a dict without the standard keys, or entries that are not dicts.
+    """
+    if not _standard(state_dict) or not all(isinstance(v, dict) for v in state_dict["state"].values()) or \
+            not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in state_dict["param_groups"]):
+        raise ValueError("an optimizer state_dict must have 'state' (a dict of dicts) and 'param_groups' (a list "
+                         "of groups with 'params') keys, got "
                          f"{sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__}")
     groups = [dict(g) for g in state_dict["param_groups"]]
     state = {k: dict(v) for k, v in state_dict["state"].items()}
-    recm = {k: {n: v.pop(n) for n in list(v) if n.startswith("recm_")} for k, v in state.items()}
-    inner = {"state": {k: v for k, v in state.items() if v}, "param_groups": groups}
-    return inner, {k: v for k, v in recm.items() if v}
+    recm = {k: {n: v.pop(n) for n in list(v) if isinstance(n, str) and n.startswith("recm_")}
+            for k, v in state.items()}
+    inner = state_dict[_INNER] if _INNER in state_dict else \
+        {"state": {k: v for k, v in state.items() if v}, "param_groups": groups}
+    return inner, groups, {k: v for k, v in recm.items() if v}
 
 
 def match(layers: list[_Layer], entries: dict[Any, dict[str, Any]], saved_ids: list[Any],
@@ -121,8 +152,36 @@ def check(layers: dict[_Layer, dict[str, Any]]) -> None:
                                   or int(v) < 0):
                 raise ValueError(f"{where}, {key}: expected one integer >= 0, got {_describe(v)}")
         rng = e.get("recm_rng")
-        if rng is not None and (not isinstance(rng, Tensor) or rng.dtype != torch.uint8):
-            raise ValueError(f"{where}, recm_rng: expected a uint8 generator state, got {_describe(rng)}")
+        if rng is not None:
+            try:  # a scratch generator: the check changes nothing
+                torch.Generator().set_state(rng)
+            except (TypeError, RuntimeError) as err:
+                raise ValueError(f"{where}, recm_rng: expected a CPU generator state, got {_describe(rng)} "
+                                 f"({err})") from err
+
+
+# Inner-optimizer state that has its parameter's shape (torch.optim and pytorch_optimizer's names).
+_PARAM_SHAPED = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg", "acc_delta", "sum",
+                 "grad_avg", "exp_inf", "prev", "step_size", "ax", "slow_params", "slow_param")
+
+
+def check_inner(state: dict[Any, dict[str, Any]], saved_ids: list[Any], params: list[Tensor],
+                names: dict[int, str]) -> None:
+    """Check that the inner state's parameter-shaped entries fit the parameters they will load into.
+
+    ``Optimizer.load_state_dict`` matches parameters by position and count only, so a
+    checkpoint of a model with other sizes (another ``state_dim``) would load and fail at
+    the next step.
+
+    Raises:
+        ValueError: naming the state entry and the parameter.
+    """
+    for saved, p in zip(saved_ids, params):
+        for key, v in state.get(saved, {}).items():
+            if key in _PARAM_SHAPED and isinstance(v, Tensor) and v.dim() > 0 and v.shape != p.shape:
+                raise ValueError(f"state[{saved!r}][{key!r}] has shape {tuple(v.shape)}, but the parameter it loads "
+                                 f"into ({names.get(id(p), 'a parameter of this optimizer')}) has "
+                                 f"{tuple(p.shape)}: the checkpoint is from a model of other sizes")
 
 
 def _describe(v: Any) -> str:
@@ -147,7 +206,13 @@ def restore(layer: _Layer, e: dict[str, Any], rng: torch.Generator) -> int | Non
 
 
 def fresh_recm_group(groups: list[dict[str, Any]], param_groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """A plain inner-optimizer checkpoint's groups, with this optimizer's RECM group inserted (fresh state)."""
+    """A plain inner-optimizer checkpoint's groups, with this optimizer's RECM group inserted (fresh state).
+
+    Only for an optimizer that has a RECM group: one whose modulation parameters joined
+    the inner optimizer's single group (LBFGS) saves no RECM group either, and loads as it is.
+    """
+    if not any(g.get("recm") for g in param_groups):
+        return groups
     warnings.warn("state dict has no RECM param group (a plain optimizer checkpoint?): loading the inner state; "
                   "RECM's state is what the model holds", stacklevel=3)
     pos = next(i for i, g in enumerate(param_groups) if g.get("recm"))
@@ -169,14 +234,26 @@ def load_inner(inner: Optimizer, param_groups: list[dict[str, Any]], state: Any,
         old.update(new)
     state.clear()
     state.update(inner.state)
-    inner.param_groups, inner.state = param_groups, state
+    _share_groups(inner, param_groups)
+    inner.state = state
+
+
+def _share_groups(opt: Any, param_groups: list[dict[str, Any]]) -> None:
+    """Make ``opt`` hold ``param_groups`` again; a wrapper whose groups are its base's (Lookahead) through the base."""
+    if opt.param_groups is param_groups:
+        return
+    if isinstance(getattr(type(opt), "param_groups", None), property):
+        _share_groups(opt.optimizer, param_groups)
+    else:
+        opt.param_groups = param_groups
 
 
 def check_model(model: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
     """Check every modulation's entries of a model checkpoint before anything of it loads.
 
-    Registered on the model by the optimizer: names, shapes and dtypes of the tensors,
-    finite ``h``, ``t >= 0``. Loading is all or nothing for the RECM state.
+    Registered on the model by the optimizer: the saved configuration (as the constructor
+    checks its arguments), names, shapes and dtypes of the tensors, and the state's values
+    (:meth:`~recm_opt.modulation.Modulation.check_fits`). Loading is all or nothing for the RECM state.
 
     Raises:
         ValueError: naming the key.

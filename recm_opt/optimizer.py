@@ -706,12 +706,14 @@ class RECMOptimizer(Optimizer):
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, state_dict)
             state_dict = result if result is not None else state_dict
-        inner_sd, entries = _checkpoint.split(state_dict)
-        groups = inner_sd["param_groups"]
+        inner_sd, groups, entries = _checkpoint.split(state_dict)
         if self._layers and not any(g.get("recm") for g in groups):
-            groups = inner_sd["param_groups"] = _checkpoint.fresh_recm_group(groups, self.param_groups)
+            groups = _checkpoint.fresh_recm_group(groups, self.param_groups)
+            if inner_sd.get("param_groups") is not groups and "state" in inner_sd:
+                inner_sd["param_groups"] = groups
         saved = [i for g in groups for i in g["params"]]
-        current = [id(p) for g in self.param_groups for p in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        current = [id(p) for p in params]
         matched = _checkpoint.match(self._layers, entries, saved, current)
         _checkpoint.check(matched)
         names = {id(p): n for layer in self._layers for n, p in layer.mod.named_parameters(prefix=layer.name)}
@@ -725,6 +727,9 @@ class RECMOptimizer(Optimizer):
             raise ValueError("the checkpoint's param groups "
                              f"{[len(g['params']) for g in groups]} do not match this optimizer's "
                              f"{[len(g['params']) for g in self.param_groups]}")
+        if "state" in inner_sd:
+            names = {id(p): f"{layer.name}.{n}" for layer in self._layers for n, p in layer.mod.named_parameters()}
+            _checkpoint.check_inner(inner_sd["state"], saved, params, names)
         _checkpoint.load_inner(self.inner, self.param_groups, self.state, inner_sd)
         self._book.clear()
         for layer in self._layers:
@@ -743,6 +748,7 @@ class RECMOptimizer(Optimizer):
             self._clock = max(int(layer.mod.t) for layer in self._layers)
         self._refresh_live()
         self._reset_coefficients()
+        self._model_unchecked = True
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
