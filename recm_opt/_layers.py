@@ -53,6 +53,7 @@ class _Layer:
     skipped: int = 0  # captures with NaN/Inf values, never reaching h
     dropped: int = 0  # captures whose backward never ran (eval-like, failed or foreign forwards)
     warned: bool = False
+    warned_unbacked: bool = False  # the warning that live captures were dropped was given
     ran_unbacked: bool = False  # since the last step: captured forwards, none with a backward
     handles: list[Any] = field(default_factory=list)
 

@@ -202,8 +202,24 @@ def get_relaxation(module: nn.Module) -> Relaxation | None:
     return tag if isinstance(tag, Relaxation) else None
 
 
-def _relaxed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Tensor:
-    """``beta * f_eq + sum_i alpha_i f_un_i`` over the live terms (see module docstring)."""
+def is_trainable(module: nn.Module) -> bool:
+    """Whether some parameter of the tagged layer itself (not of its modulation) requires grad.
+
+    A layer none of whose parameters requires grad is frozen: the optimizer does not
+    capture it, and its alpha and beta stay constant, so its output does not change.
+    """
+    for name, child in module.named_children():
+        if name != _MODULATION and any(p.requires_grad for p in child.parameters()):
+            return True
+    return any(p is not None and p.requires_grad for p in module._parameters.values())
+
+
+def _relaxed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """``beta * f_eq + sum_i alpha_i f_un_i`` over the live terms (see module docstring).
+
+    A layer with several outputs returns a tuple (or list) from both methods; each output
+    is modulated by the same alpha and beta.
+    """
     out = self.equivariant(*args, **kwargs)  # type: ignore[operator]
     baked = getattr(self, _BAKED, None)
     if baked is not None:  # an exported layer: constants, pruned terms removed
@@ -213,11 +229,36 @@ def _relaxed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Tensor:
         mod = cast("Modulation | None", self._modules.get(_MODULATION))
         if mod is None:  # no optimizer attached: the equivariant part alone
             return out
-        alpha, beta = mod.term_coefficients(with_grad=self.training)
+        # a frozen layer's modulation is frozen too: constant alpha and beta, no gradient into them
+        alpha, beta = mod.term_coefficients(with_grad=self.training and is_trainable(self))
         names = mod.terms
         live = (True,) * len(names) if self.training and mod.train_all_live else mod.live
-    out = beta * out
+    out = _scaled(beta, out)
     for i, (name, on) in enumerate(zip(names, live)):
         if on:
-            out = out + alpha[i] * self.unconstrained(name, *args, **kwargs)  # type: ignore[operator]
+            out = _added(out, alpha[i], self.unconstrained(name, *args, **kwargs), name)  # type: ignore[operator]
     return out
+
+
+def _scaled(c: Tensor, out: Any) -> Any:
+    """``c * out`` for a tensor output, elementwise for a tuple or list of them (a layer with several outputs)."""
+    if isinstance(out, (tuple, list)):
+        return type(out)(_scaled(c, o) for o in out)
+    return c * out
+
+
+def _added(out: Any, c: Tensor, term: Any, name: str) -> Any:
+    """``out + c * term``, elementwise over tuples and lists of the same structure."""
+    if isinstance(out, (tuple, list)):
+        if not isinstance(term, (tuple, list)) or len(term) != len(out):
+            raise TypeError(f"unconstrained({name!r}, ...) must return what equivariant(...) returns: a "
+                            f"{type(out).__name__} of {len(out)} outputs, got {_kind(term)}")
+        return type(out)(_added(o, c, u, name) for o, u in zip(out, term))
+    if not isinstance(term, Tensor):
+        raise TypeError(f"unconstrained({name!r}, ...) must return what equivariant(...) returns: a tensor, got "
+                        f"{_kind(term)}")
+    return out + c * term
+
+
+def _kind(x: Any) -> str:
+    return f"a {type(x).__name__} of {len(x)}" if isinstance(x, (tuple, list)) else type(x).__name__
