@@ -206,9 +206,11 @@ def _probe(model: nn.Module, example: Any, layers: list[_Found]) -> dict[str, in
 
 
 def attach(layer: _Layer) -> None:
-    """Put the layer's modulation on the module (the one mutation of attaching)."""
+    """Put the layer's modulation on the module, trainable (a detached optimizer left it frozen)."""
     if layer.module._modules.get(_MODULATION) is not layer.mod:
         layer.module.add_module(_MODULATION, layer.mod)
+    for p in layer.mod.parameters():
+        p.requires_grad_(True)
 
 
 def to_layer_device(mod: Modulation, module: nn.Module) -> Modulation:

@@ -758,9 +758,14 @@ class RECMOptimizer(Optimizer):
 
         Args:
             keep_state: keep each layer's modulation (and its state) on the model, as a
-                trained model keeps its BatchNorm statistics. With ``False`` the layers
-                become their equivariant parts again, and the modulation's param group
-                leaves the inner optimizer.
+                trained model keeps its BatchNorm statistics, frozen: alpha and beta are
+                constants, the modulation's parameters stop requiring grad (no optimizer
+                moves them), and pruned terms are skipped in training forwards too, so
+                the model computes what :func:`recm_opt.export` bakes, in training and in
+                evaluation, however it is trained afterwards. A new ``RECMOptimizer`` for the
+                model takes the modulations over again and unfreezes them. With ``False`` the
+                layers become their equivariant parts again, and the modulation's param
+                group leaves the inner optimizer.
         """
         for layer in self._layers:
             for handle in layer.handles:
@@ -771,6 +776,8 @@ class RECMOptimizer(Optimizer):
                 del layer.mod.__dict__["_owner"]
             if not keep_state and layer.module._modules.get(_MODULATION) is layer.mod:
                 del layer.module._modules[_MODULATION]
+            elif keep_state and owner is not None and owner() is self:
+                _freeze(layer.mod)
         if not keep_state:
             ids = {id(p) for layer in self._layers for p in layer.mod.parameters()}
             for p in [p for g in self.param_groups if g.get("recm") for p in g["params"]]:
@@ -821,6 +828,17 @@ def _user_stacklevel() -> int:
     while frame is not None and frame.f_code.co_filename.startswith(ours):
         frame, level = frame.f_back, level + 1
     return level
+
+
+@torch.no_grad()
+def _freeze(mod: Modulation) -> None:
+    """A detached modulation: constant alpha and beta, its parameters out of every optimizer's reach."""
+    mod.newest = None  # no gradient path into r_theta
+    for p in mod.parameters():
+        p.requires_grad_(False)
+        p.grad = None
+    mod.train_all_live = False  # the pruned terms stay off in training forwards, as in export
+    mod.refresh_live()
 
 
 def _needs_closure(inner: Optimizer) -> bool:
