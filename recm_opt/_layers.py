@@ -142,7 +142,10 @@ def input_widths(found: list[_Found], model: nn.Module, example: Any, target_wid
         unknown = [f for f in unknown if f.name not in widths]
         if unknown:
             raise ValueError(f"layers {[f.name for f in unknown]} did not run in a forward of the example batch, "
-                             "so their input widths are unknown: pass an example that reaches every tagged layer")
+                             "so their input widths are unknown. The example runs once in eval mode under "
+                             "torch.no_grad(), so a layer that runs only in training mode (or only for some "
+                             "inputs) is not reached: declare its input sizes in its representation, e.g. "
+                             "recm.Vector(\"b c xyz\", c=4), or pass an example that reaches every tagged layer")
     if unknown:
         lines = [f"  layer {f.name!r}, input {arg!r}: {rep!r} has no size for axes {_unsized(rep)}"
                  for f in unknown for arg, rep in f.tag.inputs.items() if rep.feature_width() is None]

@@ -64,7 +64,7 @@ from .groups import Group, SO3Generators
 from .modulation import ALPHA_FNS, Modulation, _foreach_project_norm_, one_plus_tanh
 from .reps import Representation, Vector
 from .schedule import ModulationStep, attached_schedulers, modulation_lr, run_defaults, run_length
-from .tagging import _MODULATION
+from .tagging import _MODULATION, get_relaxation
 
 __all__ = ["RECMConfig", "RECMOptimizer", "layer_name"]
 
@@ -791,6 +791,27 @@ class RECMOptimizer(Optimizer):
         if self._detached:
             raise RuntimeError(f"{self!r} was detached (by detach() or by a newer RECMOptimizer for the same "
                                "model); step the optimizer that drives the model now")
+        if self._model_unchecked:  # the first step after building or loading
+            self._model_unchecked = False
+            self._warn_new_layers()
+
+    def _warn_new_layers(self) -> None:
+        """Warn about ``@relaxed`` layers of the model that this optimizer does not modulate (added later)."""
+        model = self._model() if self._model is not None else None
+        if model is None:
+            return
+        known = {id(layer.module) for layer in self._layers}
+        new = sorted({layer_name(n) or type(m).__name__ for n, m in model.named_modules()
+                      if get_relaxation(m) is not None and id(m) not in known})
+        if new:
+            warnings.warn(f"layers {new} are @relaxed but were added to the model after this RECMOptimizer was "
+                          "built: they are not modulated (they compute their equivariant part). Build the optimizer "
+                          "once the model is complete", stacklevel=4)
+
+    def __getstate__(self) -> dict[str, Any]:
+        raise TypeError(f"{type(self).__name__} cannot be copied or pickled: it holds hooks on its model's layers. "
+                        "To copy a run, save model.state_dict() and opt.state_dict(), then build a new model and "
+                        "RECMOptimizer and load both (opt.load_state_dict)")
 
     # --------------------------------------------------------------- report
     @property
