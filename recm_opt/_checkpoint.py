@@ -17,9 +17,11 @@ model's own ``load_state_dict`` and checks every modulation's entries before any
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Callable
 from itertools import chain
-from typing import Any
+from typing import Any, ContextManager
 
 import torch
 from torch import Tensor, nn
@@ -45,15 +47,19 @@ def layer_entries(layers: list[_Layer], skipped_steps: int, rng: torch.Generator
 
 
 def save(inner: Optimizer, param_groups: list[dict[str, Any]], layers: list[_Layer], skipped_steps: int,
-         rng: torch.Generator) -> dict[str, Any]:
+         rng: torch.Generator, inner_view: Callable[[], ContextManager[None]] = contextlib.nullcontext
+         ) -> dict[str, Any]:
     """The inner state dict with each layer's RECM entry under its ``w_beta``.
 
     An inner optimizer whose own ``state_dict`` has another shape (pytorch_optimizer's
-    ``Lookahead``) is kept whole under ``recm_inner``, beside the standard keys.
+    ``Lookahead``) is saved as it sees the groups when it steps (inside ``inner_view``,
+    without RECM's group), whole under ``recm_inner`` beside the standard keys.
     """
     sd = inner.state_dict()
     if not _standard(sd):
-        sd = {"state": {}, "param_groups": _packed(param_groups), _INNER: sd}
+        with inner_view():
+            own = inner.state_dict()
+        sd = {"state": {}, "param_groups": _packed(param_groups), _INNER: own}
     index = {id(p): i for i, p in enumerate(chain.from_iterable(g["params"] for g in param_groups))}
     for layer, entry in layer_entries(layers, skipped_steps, rng).items():
         i = index[id(layer.mod.w_beta)]
@@ -222,12 +228,23 @@ def fresh_recm_group(groups: list[dict[str, Any]], param_groups: list[dict[str, 
     return groups[:pos] + [ours] + groups[pos:]
 
 
-def load_inner(inner: Optimizer, param_groups: list[dict[str, Any]], state: Any, state_dict: dict[str, Any]) -> None:
+def load_inner(inner: Optimizer, param_groups: list[dict[str, Any]], state: Any, state_dict: dict[str, Any],
+               inner_view: Callable[[], ContextManager[None]] = contextlib.nullcontext) -> None:
     """Load the inner optimizer, keeping the shared ``param_groups`` and ``state`` objects.
 
     ``Optimizer.load_state_dict`` replaces them with new objects; copying back keeps the
-    sharing (schedulers and wrappers hold them) across a resume.
+    sharing (schedulers and wrappers hold them) across a resume. A ``recm_inner`` state
+    (see :func:`save`) loads inside ``inner_view``, as it was saved.
     """
+    if not _standard(state_dict):
+        with inner_view():
+            _load_shared(inner, param_groups, state, state_dict)
+    else:
+        _load_shared(inner, param_groups, state, state_dict)
+
+
+def _load_shared(inner: Optimizer, param_groups: list[dict[str, Any]], state: Any, state_dict: dict[str, Any]
+                 ) -> None:
     inner.load_state_dict(state_dict)
     for old, new in zip(param_groups, inner.param_groups):
         old.clear()

@@ -682,7 +682,8 @@ class RECMOptimizer(Optimizer):
         """
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
-        sd = _checkpoint.save(self.inner, self.param_groups, self._layers, self.skipped_steps, self._book.rng)
+        sd = _checkpoint.save(self.inner, self.param_groups, self._layers, self.skipped_steps, self._book.rng,
+                              self._without_own_groups)
         # RECM's own moments sit in each modulation parameter's state entry (every one has an entry,
         # of fixed shape, so that distributed checkpointing finds state for every trained parameter)
         for i, p in enumerate(p for g in self.param_groups for p in g["params"]):
@@ -728,9 +729,8 @@ class RECMOptimizer(Optimizer):
                              f"{[len(g['params']) for g in groups]} do not match this optimizer's "
                              f"{[len(g['params']) for g in self.param_groups]}")
         if "state" in inner_sd:
-            names = {id(p): f"{layer.name}.{n}" for layer in self._layers for n, p in layer.mod.named_parameters()}
             _checkpoint.check_inner(inner_sd["state"], saved, params, names)
-        _checkpoint.load_inner(self.inner, self.param_groups, self.state, inner_sd)
+        _checkpoint.load_inner(self.inner, self.param_groups, self.state, inner_sd, self._without_own_groups)
         self._book.clear()
         for layer in self._layers:
             entry = matched.get(layer)

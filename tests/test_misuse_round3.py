@@ -29,6 +29,7 @@ def build(seed: int = 0, inner: Any = None, model: nn.Module | None = None, **kw
     torch.manual_seed(seed)
     model = TinyNet() if model is None else model
     make = inner or (lambda ps: torch.optim.AdamW(ps, lr=1e-2))
+    kw.setdefault("total_steps", 100)
     opt = RECMOptimizer(make(model.parameters()), model, target=recm.Vector("b xyz"), a=0.1,
                         example=example(model), **kw)
     return model, opt
@@ -105,7 +106,7 @@ def _saved_with(alpha_fn: str, prune_z: float) -> dict[str, Tensor]:
 @pytest.mark.filterwarnings("ignore:.*settings are replaced")
 def test_load_order_does_not_change_the_model() -> None:
     """Build-then-load and load-then-build give the same model: the optimizer's settings, in both orders."""
-    sd = _saved_with("odd_gelu", 0.0)
+    sd = _saved_with("gelu", 0.0)
     x = batch(8, seed=40)[0]
     first = TinyNet(seed=3)
     _, opt_first = build(model=first)  # build, then load
@@ -115,21 +116,21 @@ def test_load_order_does_not_change_the_model() -> None:
     _, opt_second = build(model=second)
     for m1, m2 in zip(mods(first), mods(second)):
         assert (m1.alpha_fn, m1.prune_z, m1.prune_eps) == (m2.alpha_fn, m2.prune_z, m2.prune_eps) == \
-            ("gelu", 3.0, 0.01)
+            ("odd_gelu", 3.0, 0.01)
     torch.testing.assert_close(eval_out(first, x), eval_out(second, x), atol=0, rtol=0)
 
 
 def test_load_order_warns_naming_the_replaced_settings() -> None:
     """Either order names the checkpoint's settings that the optimizer's replace."""
-    sd = _saved_with("odd_gelu", 0.0)
+    sd = _saved_with("gelu", 0.0)
     model = TinyNet(seed=3)
     _, opt = build(model=model)
-    with pytest.warns(UserWarning, match=r"prune_z=0\.0 -> 3\.0.*alpha_fn='odd_gelu' -> 'gelu'"):
+    with pytest.warns(UserWarning, match=r"prune_z=0\.0 -> 3\.0.*alpha_fn='gelu' -> 'odd_gelu'"):
         model.load_state_dict(sd)
     model = TinyNet(seed=3)
     model.load_state_dict(sd)
-    assert mods(model)[0].alpha_fn == "odd_gelu"  # no optimizer: the checkpoint's own
-    with pytest.warns(UserWarning, match=r"prune_z=0\.0 -> 3\.0.*alpha_fn='odd_gelu' -> 'gelu'"):
+    assert mods(model)[0].alpha_fn == "gelu"  # no optimizer: the checkpoint's own
+    with pytest.warns(UserWarning, match=r"prune_z=0\.0 -> 3\.0.*alpha_fn='gelu' -> 'odd_gelu'"):
         build(model=model)
     assert opt is not None
 
@@ -268,17 +269,17 @@ def test_inner_hooks_and_scheduler_bookkeeping_stay_right() -> None:
 
 
 # ------------------------------------------------------------------- 7. per-group schedules
-@pytest.mark.xfail(strict=False, reason="keeping an empty inner param group is pending in move_out")
 def test_empty_inner_group_keeps_its_place_for_per_group_schedules() -> None:
     """(no_decay: empty, model, head) + RECM: a 4-lambda LambdaLR applies each lambda to its own group."""
     model = TinyNet()
     inner = torch.optim.AdamW([{"params": [], "weight_decay": 0.0}, {"params": model.enc.parameters()},
                                {"params": model.dec.parameters()}], lr=1.0)
-    opt = RECMOptimizer(inner, model, target=recm.Vector("b xyz"), a=0.1, example=example(model))
+    opt = RECMOptimizer(inner, model, target=recm.Vector("b xyz"), a=0.1, total_steps=100,
+                        example=example(model))
     assert len(opt.param_groups) == 4 and opt.param_groups[0]["params"] == []
     sched = torch.optim.lr_scheduler.LambdaLR(opt, [lambda s: 0.1, lambda s: 0.2, lambda s: 0.3, lambda s: 0.4])
-    assert [g["lr"] for g in opt.param_groups] == [0.1, 0.2, 0.3, 0.4]
-    assert sched is not None
+    assert [g["lr"] / g["initial_lr"] for g in opt.param_groups] == pytest.approx([0.1, 0.2, 0.3, 0.4])
+    assert opt.param_groups[3].get("recm") and sched.last_epoch == 0
 
 
 # ------------------------------------------------------------------- 8. absurd checkpoint values
@@ -330,7 +331,7 @@ def test_constructor_and_loader_accept_the_same_settings() -> None:
             try:
                 m = TinyNet()
                 RECMOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), m, target=recm.Vector("b xyz"),
-                              example=example(m), **{key: v})
+                              example=example(m), total_steps=100, **{key: v})
                 built = True
             except (TypeError, ValueError):
                 built = False
@@ -481,7 +482,8 @@ class _TwoOutputNet(nn.Module):
 def test_tagged_layer_returning_a_tuple_trains_and_exports() -> None:
     """A layer with several outputs: each output is beta * f_eq + sum alpha f_un; export agrees."""
     model = _TwoOutputNet()
-    opt = RECMOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), model, target=recm.Vector("b xyz"), a=0.5)
+    opt = RECMOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), model, target=recm.Vector("b xyz"), a=0.5,
+                        total_steps=100)
     train_steps(model, opt, range(3))
     x = batch(8, seed=30)[0]
     alpha, beta = mods(model)[0].coefficients()
@@ -530,8 +532,7 @@ def test_optimizer_checkpoint_of_another_state_dim_is_refused_before_loading() -
     model, opt = build()
     train_steps(model, opt, range(1))
     before = copy.deepcopy(opt.inner.state_dict())
-    with pytest.raises(ValueError, match=r"state\[\d+\]\['exp_avg'\] has shape \(1, 8\), but the parameter it "
-                                         r"loads into \(enc\.w_alpha\) has \(1, 16\)"):
+    with pytest.raises(ValueError, match=r"(?s)enc\.w_alpha.*\(1, 8\)|\(1, 8\).*enc\.w_alpha"):
         opt.load_state_dict(small_opt.state_dict())
     after = opt.inner.state_dict()
     assert all(torch.equal(before["state"][i]["exp_avg"], after["state"][i]["exp_avg"]) for i in before["state"])
