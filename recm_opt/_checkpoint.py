@@ -184,7 +184,12 @@ def check_inner(state: dict[Any, dict[str, Any]], saved_ids: list[Any], params: 
     """
     for saved, p in zip(saved_ids, params):
         for key, v in state.get(saved, {}).items():
-            if key in _PARAM_SHAPED and isinstance(v, Tensor) and v.dim() > 0 and v.shape != p.shape:
+            if key == "step" and not (isinstance(v, Tensor) and v.numel() == 1 and not v.is_complex()
+                                      or isinstance(v, (int, float)) and not isinstance(v, bool)):
+                raise ValueError(f"state[{saved!r}]['step']: expected one number, got {_describe(v)}")
+            if key in _PARAM_SHAPED and not isinstance(v, Tensor):
+                raise ValueError(f"state[{saved!r}][{key!r}]: expected a tensor, got {_describe(v)}")
+            if key in _PARAM_SHAPED and v.dim() > 0 and v.shape != p.shape:
                 raise ValueError(f"state[{saved!r}][{key!r}] has shape {tuple(v.shape)}, but the parameter it loads "
                                  f"into ({names.get(id(p), 'a parameter of this optimizer')}) has "
                                  f"{tuple(p.shape)}: the checkpoint is from a model of other sizes")
@@ -245,7 +250,14 @@ def load_inner(inner: Optimizer, param_groups: list[dict[str, Any]], state: Any,
 
 def _load_shared(inner: Optimizer, param_groups: list[dict[str, Any]], state: Any, state_dict: dict[str, Any]
                  ) -> None:
-    inner.load_state_dict(state_dict)
+    try:
+        inner.load_state_dict(state_dict)
+    except Exception as err:
+        # torch installs the new groups and state before its subclass checks them: put the shared ones back
+        _share_groups(inner, param_groups)
+        inner.state = state
+        raise ValueError(f"the inner optimizer ({type(inner).__name__}) refused the checkpoint's state "
+                         f"({type(err).__name__}: {err}); nothing was loaded") from err
     for old, new in zip(param_groups, inner.param_groups):
         old.clear()
         old.update(new)
