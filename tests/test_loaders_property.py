@@ -12,6 +12,7 @@ import functools
 import json
 from typing import Any
 
+import pytest
 import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
@@ -200,3 +201,47 @@ def test_corrupted_optimizer_state_dict_loads_exactly_or_names_the_key(case: tup
     if kind != "drop":  # what was given is what is held (torch casts a state tensor to its parameter's dtype)
         held, given = after["state"][int(index)][name], bad_entry[name]
         assert _same(held, given.to(held.dtype) if isinstance(held, Tensor) else given), path
+
+
+@st.composite
+def capture_inputs(draw: st.DrawFn) -> tuple[int, float, str]:
+    """(seed, scale of one sample kept out of the loss, or 'inf' in that sample)."""
+    return (draw(st.integers(0, 2**32 - 1)), 10.0 ** draw(st.integers(-30, 30)), draw(st.sampled_from(["loss", "inf"])))
+
+
+def _capture_run(case: tuple[int, float, str]) -> TinyNet:
+    seed, scale, how = case
+    model, opt = _build()
+    train_steps(model, opt, range(2))
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(8, 4, 3, generator=g)
+    y = x[:, 0] * 2
+    x[0] = x[0] * scale if how == "loss" else float("inf")
+    (model(x)[1:] - y[1:]).pow(2).mean().backward()
+    opt.step(target=y)
+    return model
+
+
+@given(capture_inputs())
+@example((0, 1e30, "loss"))
+@example((0, 1.0, "inf"))
+def test_model_state_dict_loads_back_after_any_capture(case: tuple[int, float, str]) -> None:
+    """Whatever one capture holds (scales 1e-30..1e30, inf), the model's state_dict loads back exactly."""
+    model = _capture_run(case)
+    fresh = TinyNet(seed=5)
+    fresh.load_state_dict(model.state_dict())
+    assert _same(fresh.state_dict(), model.state_dict())
+
+
+@pytest.mark.xfail(strict=False, reason="the commit path's outlier rule is pending (skip and count, or bound)")
+@given(capture_inputs())
+@example((0, 1e30, "loss"))
+def test_one_capture_keeps_h_noise_var_and_alpha_finite_and_bounded(case: tuple[int, float, str]) -> None:
+    """Whatever one capture holds, h, noise_var and alpha stay finite, and |h| within 10x its clean run's."""
+    model = _capture_run(case)
+    clean = _capture_run((case[0], 1.0, "loss"))
+    for layer, ref in ((model.enc, clean.enc), (model.dec, clean.dec)):
+        mod, cmod = layer.recm_modulation, ref.recm_modulation
+        alpha, _ = mod.coefficients()
+        assert torch.isfinite(mod.h).all() and torch.isfinite(mod.noise_var) and torch.isfinite(alpha).all()
+        assert float(mod.h.double().norm()) <= 10 * float(cmod.h.double().norm()) + 1e-6
