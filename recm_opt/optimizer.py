@@ -61,7 +61,7 @@ from ._layers import (
     to_layer_device,
 )
 from .groups import Group, SO3Generators
-from .modulation import ALPHA_FNS, Modulation, _foreach_project_norm_, one_plus_tanh
+from .modulation import Modulation, _foreach_project_norm_, one_plus_tanh
 from .reps import Representation, Vector
 from .schedule import ModulationStep, attached_schedulers, modulation_lr, run_defaults, run_length
 from .tagging import _MODULATION, get_relaxation
