@@ -11,8 +11,11 @@ forward: the target bound by ``with opt.pair(y):`` around the forward, or the ne
 
 At ``step()`` only captures that are both paired and backed count. Captures whose
 backward never ran (a forward that raised, an evaluation forward in training mode,
-another model's forward through a shared layer) are dropped and counted; at most
-``_MAX_UNBACKED`` of them wait per layer. A backed capture without a target, or one
+another model's forward through a shared layer) are dropped and counted. A capture
+waits for its backward as long as its forward's autograd graph exists, however many
+times the layer runs per forward (weight tying); once the graph is freed without a
+backward, or the forward raised, it is dropped. ``_MAX_UNBACKED`` live captures per
+layer bound the memory, with a warning when reached. A backed capture without a target, or one
 target paired with forwards of several backward passes, is an error that names the
 layers. Hooks hold the optimizer weakly and die in copies and pickles of the model.
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,10 +39,12 @@ from ._layers import _Layer
 from .groups import Group
 from .modulation import _in_backward, _in_reentrant_recompute
 from .reps import Invariant, Representation
+from .tagging import is_trainable
 
-# Unbacked captures kept per layer: enough for a few forwards before their backward
-# (Lightning runs training_step, then backward); beyond it the oldest are dropped.
-_MAX_UNBACKED = 16
+# Captures per layer waiting for their backward while their graphs still exist (a layer
+# called many times per forward, several forwards before one backward); beyond it the
+# oldest are dropped, with a warning. Captures whose graph is gone never count.
+_MAX_UNBACKED = 1024
 
 
 class Undeclared:
@@ -69,6 +75,7 @@ class Capture:
         nested: captured by reentrant checkpointing's recomputation, whose backward is a
             graph task nested in the real one (its task says nothing about the forward).
         seq: the capture's number, in the order the forwards ran.
+        dead: its forward raised, or its graph was freed without a backward.
     """
 
     layer: _Layer
@@ -82,6 +89,7 @@ class Capture:
     task: int = -1
     nested: bool = False
     seq: int = 0
+    dead: bool = False  # no backward can run through this forward any more (graph freed, forward raised)
 
 
 class _Hook:
@@ -115,10 +123,26 @@ def _dispatch(book: CaptureBook, layer: _Layer, module: nn.Module, args: tuple, 
         book.on_forward(layer, module, args, rest[0])
 
 
-def _mark_backed(capture: Capture, _: Tensor) -> None:
-    capture.backed = True
-    fn = getattr(torch._C, "_current_graph_task_id", None)
-    capture.task = int(fn()) if fn is not None else 0
+class _Backed:
+    """The tensor hook on a forward's output: marks the capture backed; freed with the graph.
+
+    The output's autograd graph holds this hook; when the graph is freed before any
+    backward ran through it, the capture can never be backed, and is marked dead.
+    """
+
+    __slots__ = ("capture",)
+
+    def __init__(self, capture: Capture) -> None:
+        self.capture = capture
+
+    def __call__(self, _: Tensor) -> None:
+        self.capture.backed = True
+        fn = getattr(torch._C, "_current_graph_task_id", None)
+        self.capture.task = int(fn()) if fn is not None else 0
+
+    def __del__(self) -> None:
+        if not self.capture.backed:
+            self.capture.dead = True
 
 
 def _first_grad_tensor(out: Any) -> Tensor | None:
@@ -150,6 +174,7 @@ class CaptureBook:
         self.records: list[Capture] = []
         self._open: dict[int, Capture | None] = {}
         self._bound: list[tuple[int, Tensor]] = []  # targets bound by pair(), innermost last
+        self._last_target: Tensor | None = None  # the latest target given by observe() or pair()
         self._pairings = 0
         self._seq = 0
         self._paused = False
@@ -175,10 +200,15 @@ class CaptureBook:
     # ------------------------------------------------------------ recording
     def on_forward(self, layer: _Layer, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Record a training forward (see the module docstring for which forwards count)."""
-        self._open.pop(id(layer), None)
+        raised = self._open.pop(id(layer), None)
+        if raised is not None:  # the layer's previous forward never returned
+            raised.dead = True
         if not module.training or self._paused or _in_functorch():
             # torch.func transforms (per-sample gradients) run the layer on wrapped tensors
             # that do not outlive the transform: such forwards are not training forwards.
+            return
+        if not is_trainable(module):  # a frozen layer keeps its h, so its output stays
+            layer.warned = True  # its unchanged h is no surprise: no "did not run" warning
             return
         if _in_backward():  # checkpoint recomputation: captured in forward unless reentrant
             # (reentrant checkpointing runs its forward under no_grad: the recomputation
@@ -209,13 +239,26 @@ class CaptureBook:
             return
         out = _first_grad_tensor(output)
         if out is not None:
-            out.register_hook(lambda grad, c=capture: _mark_backed(c, grad))
+            out.register_hook(_Backed(capture))
+        else:  # nothing to backpropagate through this forward
+            capture.dead = True
 
     def _bound_unbacked(self, layer: _Layer) -> None:
+        """Drop the layer's captures that can never be backed, and the oldest beyond ``_MAX_UNBACKED``."""
         waiting = [c for c in self.records if c.layer is layer and not c.backed]
-        for c in waiting[: max(0, len(waiting) - _MAX_UNBACKED)]:
-            self.records.remove(c)
-            layer.dropped += 1
+        dead = [c for c in waiting if c.dead]
+        live = [c for c in waiting if not c.dead]
+        over = live[: max(0, len(live) - _MAX_UNBACKED)]
+        if over and not layer.warned_unbacked:
+            layer.warned_unbacked = True
+            warnings.warn(f"layer {layer.name!r} ran {len(live)} training forwards whose graphs still wait for a "
+                          f"backward; the oldest are dropped (at most {_MAX_UNBACKED} wait per layer). Call "
+                          "backward() and step() more often, or run forwards that need no backward under "
+                          "torch.no_grad()", stacklevel=5)
+        if dead or over:
+            drop = {id(c) for c in dead + over}
+            self.records = [c for c in self.records if id(c) not in drop]
+            layer.dropped += len(drop)
 
     def _capture(self, layer: _Layer, args: tuple, kwargs: dict) -> Capture | None:
         with torch.no_grad():  # views and the gather, without autograd's bookkeeping
@@ -313,11 +356,17 @@ class CaptureBook:
         backed ones; the others (no backward) stay unpaired and are dropped at the step.
         Called before it (Lightning's ``training_step``), every unpaired capture is paired.
         """
+        waiting = [c for c in self.records if c.pairing is None]
+        if not waiting and self.records and self.target is not None and not _same(target, self._last_target):
+            names = sorted({c.layer.name for c in self.records})
+            raise ValueError(f"every forward of layers {names} since the last step is already paired with a target "
+                             "(by observe() or pair()), and this target differs: a forward has one target. Call "
+                             "observe(y) once per forward, and step() without target= after observe() or pair()")
         self._pairings += 1
         self._index.clear()  # the next forward draws its own units
-        waiting = [c for c in self.records if c.pairing is None]
         backed = [c for c in waiting if c.backed]
         self._pair(backed or waiting, target, self._pairings)
+        self._last_target = target
 
     @contextlib.contextmanager
     def bind(self, target: Tensor) -> Iterator[None]:
@@ -325,6 +374,7 @@ class CaptureBook:
         self._pairings += 1
         self._index.clear()
         self._bound.append((self._pairings, target))
+        self._last_target = target
         try:
             yield
         finally:
@@ -477,10 +527,27 @@ class CaptureBook:
         if shared:
             names = sorted({c.layer.name for c in self.records if c.pairing in shared})
             forwards = max(len(t) for t in shared.values())
+            ran: dict[int, set[str]] = {}  # backward pass -> the layers it ran
+            for c in self.records:
+                if c.pairing in shared and not c.nested:
+                    ran.setdefault(c.task, set()).add(c.layer.name)
+            if len({frozenset(v) for v in ran.values()}) > 1:  # some backward passes ran only part of the model
+                raise ValueError(self._partial_backward_message(ran))
             raise ValueError(
                 f"one target was paired with {forwards} forwards of layers {names} whose backward ran separately "
                 "(gradient accumulation?): each micro-batch needs its own target, opt.observe(y_i) after its "
                 "forward or `with opt.pair(y_i):` around it; opt.step(target=y) pairs only a single forward")
+
+    @staticmethod
+    def _partial_backward_message(ran: dict[int, set[str]]) -> str:
+        every = set().union(*ran.values())
+        partial = sorted({name for names in ran.values() if names != every for name in names})
+        missing = sorted(every - set().union(*(v for v in ran.values() if v != every)))
+        return (f"layers {partial} ran a forward and backward of their own, without layers {missing} of this "
+                "model, before this step's target was given: is a layer shared with another model that its own "
+                "optimizer trains? Its forwards are captured like this model's. Call this optimizer's "
+                "opt.zero_grad() after the other model's backward and before this model's forward: it drops the "
+                "captures whose backward has run")
 
     def take(self) -> dict[_Layer, list[Capture]]:
         """Remove every capture; return the paired, backed ones by layer. The others are counted as dropped."""
@@ -503,6 +570,14 @@ class CaptureBook:
         self.records = []
         self._index.clear()
         self._open.clear()
+        self._last_target = None
+
+
+def _same(a: Tensor, b: Tensor | None) -> bool:
+    """Whether ``a`` is the target ``b`` again (the same tensor, or equal values)."""
+    if b is None or a is b:
+        return a is b
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and bool(torch.equal(a, b))
 
 
 def undeclared_message(target: Tensor) -> str:

@@ -17,9 +17,11 @@ model's own ``load_state_dict`` and checks every modulation's entries before any
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Callable
 from itertools import chain
-from typing import Any
+from typing import Any, ContextManager
 
 import torch
 from torch import Tensor, nn
@@ -45,9 +47,19 @@ def layer_entries(layers: list[_Layer], skipped_steps: int, rng: torch.Generator
 
 
 def save(inner: Optimizer, param_groups: list[dict[str, Any]], layers: list[_Layer], skipped_steps: int,
-         rng: torch.Generator) -> dict[str, Any]:
-    """The inner state dict with each layer's RECM entry under its ``w_beta``."""
+         rng: torch.Generator, inner_view: Callable[[], ContextManager[None]] = contextlib.nullcontext
+         ) -> dict[str, Any]:
+    """The inner state dict with each layer's RECM entry under its ``w_beta``.
+
+    An inner optimizer whose own ``state_dict`` has another shape (pytorch_optimizer's
+    ``Lookahead``) is saved as it sees the groups when it steps (inside ``inner_view``,
+    without RECM's group), whole under ``recm_inner`` beside the standard keys.
+    """
     sd = inner.state_dict()
+    if not _standard(sd):
+        with inner_view():
+            own = inner.state_dict()
+        sd = {"state": {}, "param_groups": _packed(param_groups), _INNER: own}
     index = {id(p): i for i, p in enumerate(chain.from_iterable(g["params"] for g in param_groups))}
     for layer, entry in layer_entries(layers, skipped_steps, rng).items():
         i = index[id(layer.mod.w_beta)]
@@ -55,16 +67,41 @@ def save(inner: Optimizer, param_groups: list[dict[str, Any]], layers: list[_Lay
     return sd
 
 
-def split(state_dict: dict[str, Any]) -> tuple[dict[str, Any], dict[Any, dict[str, Any]]]:
-    """Separate the inner state dict from the ``recm_*`` entries (by state key)."""
-    if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
-        raise ValueError("an optimizer state_dict must have 'state' and 'param_groups' keys, got "
+_INNER = "recm_inner"
+
+
+def _standard(sd: Any) -> bool:
+    return isinstance(sd, dict) and isinstance(sd.get("state"), dict) and isinstance(sd.get("param_groups"), list)
+
+
+def _packed(param_groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The groups as ``Optimizer.state_dict`` writes them: options, and parameters as running indices."""
+    out, start = [], 0
+    for g in param_groups:
+        out.append({**{k: v for k, v in g.items() if k != "params"},
+                    "params": list(range(start, start + len(g["params"])))})
+        start += len(g["params"])
+    return out
+
+
+def split(state_dict: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]], dict[Any, dict[str, Any]]]:
+    """Separate what the inner optimizer loads, the param groups and the ``recm_*`` entries (by state key).
+
+    Raises:
+        ValueError: for a dict without the standard keys, or entries that are not dicts.
+    """
+    if not _standard(state_dict) or not all(isinstance(v, dict) for v in state_dict["state"].values()) or \
+            not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in state_dict["param_groups"]):
+        raise ValueError("an optimizer state_dict must have 'state' (a dict of dicts) and 'param_groups' (a list "
+                         "of groups with 'params') keys, got "
                          f"{sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__}")
     groups = [dict(g) for g in state_dict["param_groups"]]
     state = {k: dict(v) for k, v in state_dict["state"].items()}
-    recm = {k: {n: v.pop(n) for n in list(v) if n.startswith("recm_")} for k, v in state.items()}
-    inner = {"state": {k: v for k, v in state.items() if v}, "param_groups": groups}
-    return inner, {k: v for k, v in recm.items() if v}
+    recm = {k: {n: v.pop(n) for n in list(v) if isinstance(n, str) and n.startswith("recm_")}
+            for k, v in state.items()}
+    inner = state_dict[_INNER] if _INNER in state_dict else \
+        {"state": {k: v for k, v in state.items() if v}, "param_groups": groups}
+    return inner, groups, {k: v for k, v in recm.items() if v}
 
 
 def match(layers: list[_Layer], entries: dict[Any, dict[str, Any]], saved_ids: list[Any],
@@ -121,8 +158,41 @@ def check(layers: dict[_Layer, dict[str, Any]]) -> None:
                                   or int(v) < 0):
                 raise ValueError(f"{where}, {key}: expected one integer >= 0, got {_describe(v)}")
         rng = e.get("recm_rng")
-        if rng is not None and (not isinstance(rng, Tensor) or rng.dtype != torch.uint8):
-            raise ValueError(f"{where}, recm_rng: expected a uint8 generator state, got {_describe(rng)}")
+        if rng is not None:
+            try:  # a scratch generator: the check changes nothing
+                torch.Generator().set_state(rng)
+            except (TypeError, RuntimeError) as err:
+                raise ValueError(f"{where}, recm_rng: expected a CPU generator state, got {_describe(rng)} "
+                                 f"({err})") from err
+
+
+# Inner-optimizer state that has its parameter's shape (torch.optim and pytorch_optimizer's names).
+_PARAM_SHAPED = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg", "acc_delta", "sum",
+                 "grad_avg", "exp_inf", "prev", "step_size", "ax", "slow_params", "slow_param")
+
+
+def check_inner(state: dict[Any, dict[str, Any]], saved_ids: list[Any], params: list[Tensor],
+                names: dict[int, str]) -> None:
+    """Check that the inner state's parameter-shaped entries fit the parameters they will load into.
+
+    ``Optimizer.load_state_dict`` matches parameters by position and count only, so a
+    checkpoint of a model with other sizes (another ``state_dim``) would load and fail at
+    the next step.
+
+    Raises:
+        ValueError: naming the state entry and the parameter.
+    """
+    for saved, p in zip(saved_ids, params):
+        for key, v in state.get(saved, {}).items():
+            if key == "step" and not (isinstance(v, Tensor) and v.numel() == 1 and not v.is_complex()
+                                      or isinstance(v, (int, float)) and not isinstance(v, bool)):
+                raise ValueError(f"state[{saved!r}]['step']: expected one number, got {_describe(v)}")
+            if key in _PARAM_SHAPED and not isinstance(v, Tensor):
+                raise ValueError(f"state[{saved!r}][{key!r}]: expected a tensor, got {_describe(v)}")
+            if key in _PARAM_SHAPED and v.dim() > 0 and v.shape != p.shape:
+                raise ValueError(f"state[{saved!r}][{key!r}] has shape {tuple(v.shape)}, but the parameter it loads "
+                                 f"into ({names.get(id(p), 'a parameter of this optimizer')}) has "
+                                 f"{tuple(p.shape)}: the checkpoint is from a model of other sizes")
 
 
 def _describe(v: Any) -> str:
@@ -147,7 +217,13 @@ def restore(layer: _Layer, e: dict[str, Any], rng: torch.Generator) -> int | Non
 
 
 def fresh_recm_group(groups: list[dict[str, Any]], param_groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """A plain inner-optimizer checkpoint's groups, with this optimizer's RECM group inserted (fresh state)."""
+    """A plain inner-optimizer checkpoint's groups, with this optimizer's RECM group inserted (fresh state).
+
+    Only for an optimizer that has a RECM group: one whose modulation parameters joined
+    the inner optimizer's single group (LBFGS) saves no RECM group either, and loads as it is.
+    """
+    if not any(g.get("recm") for g in param_groups):
+        return groups
     warnings.warn("state dict has no RECM param group (a plain optimizer checkpoint?): loading the inner state; "
                   "RECM's state is what the model holds", stacklevel=3)
     pos = next(i for i, g in enumerate(param_groups) if g.get("recm"))
@@ -157,26 +233,56 @@ def fresh_recm_group(groups: list[dict[str, Any]], param_groups: list[dict[str, 
     return groups[:pos] + [ours] + groups[pos:]
 
 
-def load_inner(inner: Optimizer, param_groups: list[dict[str, Any]], state: Any, state_dict: dict[str, Any]) -> None:
+def load_inner(inner: Optimizer, param_groups: list[dict[str, Any]], state: Any, state_dict: dict[str, Any],
+               inner_view: Callable[[], ContextManager[None]] = contextlib.nullcontext) -> None:
     """Load the inner optimizer, keeping the shared ``param_groups`` and ``state`` objects.
 
     ``Optimizer.load_state_dict`` replaces them with new objects; copying back keeps the
-    sharing (schedulers and wrappers hold them) across a resume.
+    sharing (schedulers and wrappers hold them) across a resume. A ``recm_inner`` state
+    (see :func:`save`) loads inside ``inner_view``, as it was saved.
     """
-    inner.load_state_dict(state_dict)
+    if not _standard(state_dict):
+        with inner_view():
+            _load_shared(inner, param_groups, state, state_dict)
+    else:
+        _load_shared(inner, param_groups, state, state_dict)
+
+
+def _load_shared(inner: Optimizer, param_groups: list[dict[str, Any]], state: Any, state_dict: dict[str, Any]
+                 ) -> None:
+    try:
+        inner.load_state_dict(state_dict)
+    except Exception as err:
+        # torch installs the new groups and state before its subclass checks them: put the shared ones back
+        _share_groups(inner, param_groups)
+        inner.state = state
+        raise ValueError(f"the inner optimizer ({type(inner).__name__}) refused the checkpoint's state "
+                         f"({type(err).__name__}: {err}); nothing was loaded") from err
     for old, new in zip(param_groups, inner.param_groups):
         old.clear()
         old.update(new)
     state.clear()
     state.update(inner.state)
-    inner.param_groups, inner.state = param_groups, state
+    _share_groups(inner, param_groups)
+    inner.state = state
+
+
+def _share_groups(opt: Any, param_groups: list[dict[str, Any]]) -> None:
+    """Make ``opt`` hold ``param_groups`` again; a wrapper whose groups are its base's (Lookahead) through the base."""
+    if opt.param_groups is param_groups:
+        return
+    if isinstance(getattr(type(opt), "param_groups", None), property):
+        _share_groups(opt.optimizer, param_groups)
+    else:
+        opt.param_groups = param_groups
 
 
 def check_model(model: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
     """Check every modulation's entries of a model checkpoint before anything of it loads.
 
-    Registered on the model by the optimizer: names, shapes and dtypes of the tensors,
-    finite ``h``, ``t >= 0``. Loading is all or nothing for the RECM state.
+    Registered on the model by the optimizer: the saved configuration (as the constructor
+    checks its arguments), names, shapes and dtypes of the tensors, and the state's values
+    (:meth:`~recm_opt.modulation.Modulation.check_fits`). Loading is all or nothing for the RECM state.
 
     Raises:
         ValueError: naming the key.
@@ -186,13 +292,5 @@ def check_model(model: nn.Module, state_dict: dict[str, Any], prefix: str, *_: A
         if not isinstance(mod, Modulation):
             continue
         p = f"{prefix}{name + '.' if name else ''}{_MODULATION}."
-        for key, have in mod.state_dict().items():
-            value = state_dict.get(p + key)
-            if value is None or not isinstance(have, Tensor) or key == "_extra_state":
-                continue
-            if not isinstance(value, Tensor):
-                raise ValueError(f"{p}{key}: expected a tensor, got {type(value).__name__}")
-            if value.shape != have.shape or value.is_floating_point() != have.is_floating_point():
-                raise ValueError(f"{p}{key}: expected {have.dtype} of shape {tuple(have.shape)}, got "
-                                 f"{value.dtype} of shape {tuple(value.shape)}")
-        check_state(state_dict, p, mod.h.numel())
+        if any(k.startswith(p) for k in state_dict):
+            mod.check_fits(state_dict, p)

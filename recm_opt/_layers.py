@@ -53,6 +53,7 @@ class _Layer:
     skipped: int = 0  # captures with NaN/Inf values, never reaching h
     dropped: int = 0  # captures whose backward never ran (eval-like, failed or foreign forwards)
     warned: bool = False
+    warned_unbacked: bool = False  # the warning that live captures were dropped was given
     ran_unbacked: bool = False  # since the last step: captured forwards, none with a backward
     handles: list[Any] = field(default_factory=list)
 
@@ -141,7 +142,10 @@ def input_widths(found: list[_Found], model: nn.Module, example: Any, target_wid
         unknown = [f for f in unknown if f.name not in widths]
         if unknown:
             raise ValueError(f"layers {[f.name for f in unknown]} did not run in a forward of the example batch, "
-                             "so their input widths are unknown: pass an example that reaches every tagged layer")
+                             "so their input widths are unknown. The example runs once in eval mode under "
+                             "torch.no_grad(), so a layer that runs only in training mode (or only for some "
+                             "inputs) is not reached: declare its input sizes in its representation, e.g. "
+                             "recm.Vector(\"b c xyz\", c=4), or pass an example that reaches every tagged layer")
     if unknown:
         lines = [f"  layer {f.name!r}, input {arg!r}: {rep!r} has no size for axes {_unsized(rep)}"
                  for f in unknown for arg, rep in f.tag.inputs.items() if rep.feature_width() is None]
@@ -205,9 +209,11 @@ def _probe(model: nn.Module, example: Any, layers: list[_Found]) -> dict[str, in
 
 
 def attach(layer: _Layer) -> None:
-    """Put the layer's modulation on the module (the one mutation of attaching)."""
+    """Put the layer's modulation on the module, trainable (a detached optimizer left it frozen)."""
     if layer.module._modules.get(_MODULATION) is not layer.mod:
         layer.module.add_module(_MODULATION, layer.mod)
+    for p in layer.mod.parameters():
+        p.requires_grad_(True)
 
 
 def to_layer_device(mod: Modulation, module: nn.Module) -> Modulation:

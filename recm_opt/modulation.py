@@ -20,13 +20,15 @@ import json
 import math
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import FrameType
 from typing import Any, cast
 
 import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
+
+from ._validation import ALPHA_FNS, check_config, check_shapes, check_state, decode_config
 
 __all__ = ["ALPHA_FNS", "GELU_LIPSCHITZ", "Modulation", "alpha_map", "gamma", "kept_terms", "one_plus_tanh",
            "project_norm_"]
@@ -40,10 +42,9 @@ __all__ = ["ALPHA_FNS", "GELU_LIPSCHITZ", "Modulation", "alpha_map", "gamma", "k
 # max_x |d/dx GELU(x)| = max_x Phi(x) + x phi(x), attained at x = sqrt(2) (1.12890...); rounded up.
 GELU_LIPSCHITZ = 1.129
 
-#: The maps ``s`` of ``alpha = s(w_alpha . h)``: ``"gelu"`` (the default), and ``"odd_gelu"``,
-#: ``s(x) = sign(x) GELU(|x|)``, odd and increasing, so it has no flat minimum where alpha can settle
-#: (GELU's, -0.16997 at x = -0.7518). Both have ``s(0) = 0``, ``|s(x)| <= |x|`` and ``|s'| <= GELU_LIPSCHITZ``.
-ALPHA_FNS = ("gelu", "odd_gelu")
+# ALPHA_FNS, the maps ``s`` of ``alpha = s(w_alpha . h)``: ``"gelu"`` (the default), and ``"odd_gelu"``,
+# ``s(x) = sign(x) GELU(|x|)``, odd and increasing, so it has no flat minimum where alpha can settle
+# (GELU's, -0.16997 at x = -0.7518). Both have ``s(0) = 0``, ``|s(x)| <= |x|`` and ``|s'| <= GELU_LIPSCHITZ``.
 
 
 def alpha_map(x: Tensor, alpha_fn: str = "gelu") -> Tensor:
@@ -226,25 +227,102 @@ def config_to_tensor(config: dict[str, Any]) -> Tensor:
     return torch.tensor(list(json.dumps(config, sort_keys=True, separators=(",", ":")).encode()), dtype=torch.uint8)
 
 
-def config_from(value: Any) -> Any:
-    """The configuration a checkpoint holds (a uint8 JSON tensor, or a plain dict); other values unchanged."""
-    if isinstance(value, Tensor) and value.dtype == torch.uint8 and value.dim() == 1:
-        return json.loads(bytes(value.tolist()).decode())
-    return value
+def config_from(value: Any, key: str = "_extra_state") -> Any:
+    """The configuration a checkpoint holds (a uint8 JSON tensor, or a plain dict); other values unchanged.
+
+    Raises:
+        ValueError: naming ``key`` when the stored bytes are not UTF-8 JSON.
+    """
+    return decode_config(value, key)
+
+
+def saved_config(state_dict: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """The configuration of the modulation saved under ``prefix``, checked (:func:`check_saved` checks the rest).
+
+    A checkpoint from recm_opt 0.1 has no configuration: only the standard kind existed,
+    and its sizes are read from the saved ``w_beta`` and ``r_theta``.
+
+    Raises:
+        ValueError: naming the key, for corrupt bytes, an unknown kind or a value the
+            constructor would refuse.
+    """
+    key = prefix + "_extra_state"
+    config = config_from(state_dict.get(key), key)
+    if config is None:
+        weight, w_beta = state_dict.get(prefix + "r_theta.0.weight"), state_dict.get(prefix + "w_beta")
+        if not isinstance(weight, Tensor) or weight.dim() != 2 or not isinstance(w_beta, Tensor):
+            raise ValueError(f"{prefix[:-1]}: the checkpoint's modulation has no configuration and no "
+                             "materialised r_theta; it cannot be rebuilt (train one step before saving)")
+        config = {"kind": "recm", "state_dim": w_beta.numel(), "hidden": weight.shape[0],
+                  "in_features": weight.shape[1]}
+    check_config(config, key, _KINDS)
+    return dict(config)
+
+
+# (kind, terms, config) -> {key: (shape, is_float)} and the parameter keys: shapes read from a meta-device build
+_SHAPES: dict[str, tuple[dict[str, tuple[tuple[int, ...], bool]], set[str]]] = {}
+
+
+def expected_shapes(terms: Sequence[str], config: dict[str, Any]) -> tuple[dict[str, tuple[tuple[int, ...], bool]],
+                                                                           set[str]]:
+    """The tensors a modulation of ``config`` holds, ``{key: (shape, is_float)}``, and its parameters' keys.
+
+    Built on the meta device: nothing is allocated, whatever sizes the configuration names.
+
+    Raises:
+        ValueError: if the configuration does not build.
+    """
+    cache_key = json.dumps([list(terms), config], sort_keys=True, default=str)
+    if cache_key not in _SHAPES:
+        try:
+            with torch.device("meta"):
+                mod = _KINDS[config["kind"]].from_config(tuple(terms), config)
+        except Exception as err:  # a configuration no constructor accepts
+            raise ValueError(f"_extra_state: the saved configuration does not build a modulation "
+                             f"({type(err).__name__}: {err})") from err
+        shapes = {k: (tuple(v.shape), v.is_floating_point()) for k, v in mod.state_dict().items()
+                  if isinstance(v, Tensor) and not k.endswith("_extra_state")}
+        _SHAPES[cache_key] = (shapes, {k for k, _ in mod.named_parameters()})
+    return _SHAPES[cache_key]
+
+
+def check_saved(state_dict: Mapping[str, Any], prefix: str, terms: Sequence[str] | None = None,
+                rebuild: bool = False) -> dict[str, Any]:
+    """Check everything a checkpoint holds for one modulation, allocating nothing; return its configuration.
+
+    The configuration as the constructor checks its arguments, every saved tensor's shape
+    against the configuration, and the state's values (:func:`check_state`). With
+    ``rebuild`` (a fresh layer about to create the modulation) every parameter must be saved,
+    so that no size is taken from the configuration alone.
+
+    Raises:
+        ValueError: naming the key.
+    """
+    config = saved_config(state_dict, prefix)
+    names = tuple(terms) if terms is not None else tuple(config.get("terms", ()))
+    w_alpha = state_dict.get(prefix + "w_alpha")
+    if terms is None and "terms" not in config and isinstance(w_alpha, Tensor) and w_alpha.dim() == 2:
+        names = tuple(f"term{i}" for i in range(w_alpha.shape[0]))  # recm_opt 0.1 saved no names
+    if terms is not None and "terms" in config and tuple(config["terms"]) != names:
+        raise ValueError(f"{prefix}_extra_state: the checkpoint's terms {tuple(config['terms'])} differ from the "
+                         f"layer's {names}")
+    shapes, params = expected_shapes(names, config)
+    check_shapes(state_dict, prefix, shapes, params if rebuild else set(),
+                 f"the saved configuration ({prefix}_extra_state)")
+    check_state(state_dict, prefix, shapes["h"][0][0] if "h" in shapes else None)
+    return config
 
 
 def modulation_from_config(terms: Sequence[str], config: dict[str, Any]) -> Modulation:
     """Rebuild an (untrained) modulation from the ``config()`` a checkpoint carries.
 
+    Loaders call :func:`check_saved` first, so that the sizes are those of the saved tensors.
+
     Raises:
         ValueError: if the checkpoint names a kind no imported class registered.
     """
-    kind = config.get("kind")
-    cls = _KINDS.get(str(kind))
-    if cls is None:
-        raise ValueError(f"checkpoint holds a modulation of kind {kind!r}; known kinds: {sorted(_KINDS)} "
-                         "(import the module that defines it before loading)")
-    return cls.from_config(terms, config)
+    check_config(config, "_extra_state", _KINDS, tuple(terms))
+    return _KINDS[config["kind"]].from_config(terms, config)
 
 
 class Modulation(nn.Module):
@@ -358,27 +436,64 @@ class Modulation(nn.Module):
         """
         return config_to_tensor(self.config())
 
-    def set_extra_state(self, state: Any) -> None:  # noqa: D102
+    def set_extra_state(self, state: Any) -> None:
+        """Apply a saved configuration's settings (``prune_eps``, ``prune_z``, ``alpha_fn``, ``train_all_live``).
+
+        One rule, whatever the order of building and loading: while an optimizer drives
+        this layer, its own settings stay (a checkpoint that differs gets a warning naming
+        them); otherwise the checkpoint's apply. An optimizer built after the load likewise
+        replaces them with its own (:meth:`adopt_settings`).
+
+        Raises:
+            ValueError: for another kind, or a value the constructor would refuse.
+        """
         state = config_from(state)
         if not isinstance(state, dict) or state.get("kind") != self.kind:
             kind = state.get("kind") if isinstance(state, dict) else state
             raise ValueError(f"checkpoint holds a modulation of kind {kind!r}, this layer has {self.kind!r}")
-        self.prune_eps = float(state.get("prune_eps", self.prune_eps))
-        self.prune_z = float(state.get("prune_z", 0.0))  # a checkpoint from before the noise test: eps alone
-        alpha_fn = state.get("alpha_fn", "gelu")
-        if alpha_fn not in ALPHA_FNS:
-            raise ValueError(f"checkpoint's modulation uses alpha_fn {alpha_fn!r}; known: {ALPHA_FNS}")
-        self.alpha_fn = alpha_fn
-        self.train_all_live = bool(state.get("train_all_live", self.train_all_live))
+        check_config(state, "_extra_state", _KINDS, self.terms)
+        saved = {"prune_eps": float(state.get("prune_eps", self.prune_eps)),
+                 "prune_z": float(state.get("prune_z", 0.0)),  # a checkpoint from before the noise test: eps alone
+                 "alpha_fn": state.get("alpha_fn", "gelu"),
+                 "train_all_live": bool(state.get("train_all_live", self.train_all_live))}
+        ref = self.__dict__.get("_owner")
+        if ref is not None and ref() is not None:
+            self._warn_replaced({k: saved[k] for k in ("prune_eps", "prune_z", "alpha_fn")}, "the checkpoint's",
+                                "the optimizer's, which drives this layer")
+        else:
+            for k, v in saved.items():
+                setattr(self, k, v)
         beta = state.get("beta_fn", "one_plus_tanh")
         if beta != "one_plus_tanh" and self.beta_fn is one_plus_tanh:
             warnings.warn(f"the checkpoint's modulation used beta_fn {beta!r}, which is not saved; pass it again "
                           "(RECMOptimizer(beta_fn=...)) before using the model", stacklevel=2)
 
+    def adopt_settings(self, *, prune_eps: float, prune_z: float, alpha_fn: str, train_all_live: bool,
+                       beta_fn: Callable[[Tensor], Tensor], warn: bool) -> None:
+        """Take an optimizer's settings; with ``warn``, name those that replace different ones this layer held."""
+        new = {"prune_eps": float(prune_eps), "prune_z": float(prune_z), "alpha_fn": alpha_fn,
+               "train_all_live": bool(train_all_live)}
+        if warn:  # the settings that change the model's function (train_all_live only changes training)
+            self._warn_replaced({k: getattr(self, k) for k in ("prune_eps", "prune_z", "alpha_fn")},
+                                "the layer's (loaded or left by an earlier optimizer)", "this optimizer's", current=new)
+        for k, v in new.items():
+            setattr(self, k, v)
+        self.beta_fn = beta_fn
+
+    def _warn_replaced(self, old: dict[str, Any], old_name: str, new_name: str,
+                       current: dict[str, Any] | None = None) -> None:
+        now = current if current is not None else {k: getattr(self, k) for k in old}
+        differ = [f"{k}={old[k]!r} -> {now[k]!r}" for k in old if old[k] != now[k]]
+        if differ:
+            warnings.warn(f"{type(self).__name__}{self.terms}: {old_name} settings are replaced by {new_name} "
+                          f"({', '.join(differ)}); build the optimizer with the settings you want in either "
+                          "order of loading and building", stacklevel=4)
+
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: dict,
                               strict: bool, missing_keys: list[str], unexpected_keys: list[str],
                               error_msgs: list[str]) -> None:
-        if prefix + "h" not in state_dict and prefix + "w_beta" in state_dict:
+        # Everything is checked before any tensor of this modulation loads.
+        if all(prefix + k not in state_dict for k in ("h", "t", "gamma_t")) and prefix + "w_beta" in state_dict:
             # recm_opt 0.1 kept h, t and gamma_t in the optimizer's state_dict only (torch does not
             # tell this hook whether the load is strict: a strict one fails on the missing keys)
             warnings.warn(
@@ -386,8 +501,8 @@ class Modulation(nn.Module):
                 "which kept them in the optimizer's state_dict. Convert it by loading both: "
                 "model.load_state_dict(model_sd, strict=False), then opt.load_state_dict(opt_sd), which moves "
                 "them into the model; save the model again to get the current format", stacklevel=4)
-        else:
-            check_state(state_dict, prefix, self.h.numel())
+        if any(k.startswith(prefix) for k in state_dict):
+            self.check_fits(state_dict, prefix)
         if prefix + "noise_var" not in state_dict and prefix + "h" in state_dict:
             # saved before h's noise variance was kept: start it at 0 (the noise test then waits for it to
             # build up again), as BatchNorm fills in num_batches_tracked for its old checkpoints
@@ -395,6 +510,24 @@ class Modulation(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         self.refresh_live()
+
+    def check_fits(self, state_dict: dict[str, Any], prefix: str) -> None:
+        """Check what a checkpoint holds under ``prefix`` (:func:`check_saved`) and that it fits this modulation.
+
+        Raises:
+            ValueError: naming the key.
+        """
+        if prefix + "_extra_state" in state_dict:
+            config = check_saved(state_dict, prefix, self.terms)
+            mine = self.config()
+            for k in ("state_dim", "hidden", "in_features"):
+                if k in config and k in mine and config[k] != mine[k]:
+                    raise ValueError(f"{prefix}_extra_state: the checkpoint's modulation has {k}={config[k]!r}, "
+                                     f"this layer's has {mine[k]!r}")
+        shapes = {k: (tuple(v.shape), v.is_floating_point()) for k, v in self.state_dict().items()
+                  if isinstance(v, Tensor) and not k.endswith("_extra_state")}
+        check_shapes(state_dict, prefix, shapes, set(), "this layer's modulation")
+        check_state(state_dict, prefix, self.h.numel())
 
     def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> Modulation:  # type: ignore[override]
         out = super()._apply(fn, recurse)
@@ -494,32 +627,6 @@ class Modulation(nn.Module):
 
     def extra_repr(self) -> str:  # noqa: D102
         return f"terms={self.terms}, state_dim={self.h.numel()}"
-
-
-def check_state(state_dict: dict[str, Any], prefix: str, state_dim: int | None = None) -> None:
-    """Check a checkpoint's RECM state under ``prefix`` before anything is loaded.
-
-    ``h`` must be finite (and of size ``state_dim`` when given), ``t`` a non-negative
-    integer and ``gamma_t`` finite in [0, 1].
-
-    Raises:
-        ValueError: naming the key and what is wrong with it.
-    """
-    h, t, g = (state_dict.get(prefix + k) for k in ("h", "t", "gamma_t"))
-    if isinstance(h, Tensor):
-        if not h.is_floating_point() or h.dim() != 1 or (state_dim is not None and h.numel() != state_dim):
-            raise ValueError(f"{prefix}h must be a float vector of size {state_dim}, got {h.dtype} "
-                             f"of shape {tuple(h.shape)}")
-        if not bool(torch.isfinite(h).all()):
-            raise ValueError(f"{prefix}h holds NaN/Inf values: the checkpoint is corrupt")
-    if isinstance(t, Tensor) and (t.numel() != 1 or t.is_floating_point() or t.is_complex() or int(t) < 0):
-        raise ValueError(f"{prefix}t must be one integer >= 0, got {t.dtype} {t.tolist()}")
-    if isinstance(g, Tensor) and (g.numel() != 1 or not g.is_floating_point() or not 0 <= float(g) <= 1):
-        raise ValueError(f"{prefix}gamma_t must be one float in [0, 1], got {g.dtype} {g.tolist()}")
-    v = state_dict.get(prefix + "noise_var")
-    if isinstance(v, Tensor) and (v.numel() != 1 or not v.is_floating_point() or not math.isfinite(float(v))
-                                  or float(v) < 0):
-        raise ValueError(f"{prefix}noise_var must be one finite float >= 0, got {v.dtype} {v.tolist()}")
 
 
 _KINDS[Modulation.kind] = Modulation

@@ -40,9 +40,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
-from torch.optim import optimizer as _torch_optimizer
 
 from . import _checkpoint, _update
+from ._validation import check_settings
 from ._capture import Capture, CaptureBook, Undeclared, _all_units, _unravel  # noqa: F401  (_all_units, _unravel: tests)
 from ._coefficients import CoefficientBook
 from ._device import _finite_rows, _host_flags
@@ -61,10 +61,10 @@ from ._layers import (
     to_layer_device,
 )
 from .groups import Group, SO3Generators
-from .modulation import ALPHA_FNS, Modulation, _foreach_project_norm_, one_plus_tanh
+from .modulation import Modulation, _foreach_project_norm_, one_plus_tanh
 from .reps import Representation, Vector
 from .schedule import ModulationStep, attached_schedulers, modulation_lr, run_defaults, run_length
-from .tagging import _MODULATION
+from .tagging import _MODULATION, get_relaxation
 
 __all__ = ["RECMConfig", "RECMOptimizer", "layer_name"]
 
@@ -237,12 +237,14 @@ class RECMOptimizer(Optimizer):
         self.max_units, self.skip_nonfinite = max_units, skip_nonfinite
         self.skipped_steps, self._skip_run = 0, 0
         self._detached = False
+        self._model, self._model_unchecked = weakref.ref(model), True
         # Everything is checked and built before the model or the inner optimizer changes.
         self._book = CaptureBook(self.group, target if self.captures_inputs else None, max_units, seed)
         found = find_layers(model, optimizer, self._book.check_group)
         if found and self.captures_inputs and isinstance(target, Vector):
             self._book.check_group(target, target.size, "target")
         mods = self._plan(found, model, example, state_dim=state_dim, hidden=hidden, seed=seed, beta_fn=beta_fn)
+        adopted = [f.existing for f in found if f.existing is not None]
         owners = self._owners(found)
         new_group = recm_group(optimizer, mods, {"lr": self.lr, "weight_decay": cfg.weight_decay, "recm": True})
         super().__init__(optimizer.param_groups, optimizer.defaults)
@@ -263,9 +265,10 @@ class RECMOptimizer(Optimizer):
             clear_dead_hooks(layer.module)
             attach(layer)
             layer.mod.__dict__["_owner"] = weakref.ref(self)
-            layer.mod.prune_eps, layer.mod.train_all_live = self.prune_eps, not skip_pruned
-            layer.mod.prune_z, layer.mod.alpha_fn = self.prune_z, alpha_fn
-            layer.mod.beta_fn = beta_fn
+            # one rule in either order of loading and building: the optimizer's settings win
+            layer.mod.adopt_settings(prune_eps=self.prune_eps, prune_z=self.prune_z, alpha_fn=alpha_fn,
+                                     train_all_live=not skip_pruned, beta_fn=beta_fn,
+                                     warn=layer.mod in adopted)
             if self.captures_inputs:
                 layer.handles = self._book.hooks(layer)
         if self._layers and not any(getattr(h, "__wrapped__", None) is _checkpoint.check_model
@@ -427,17 +430,33 @@ class RECMOptimizer(Optimizer):
                           stacklevel=3)
 
     def _inner_step(self, closure: Callable[[], Any] | None = None) -> Any:
-        # Global optimizer step hooks already ran for this optimizer's step: run the inner
-        # step without them, so that they fire once per step (its own hooks still run).
-        pre, post = _torch_optimizer._global_optimizer_pre_hooks, _torch_optimizer._global_optimizer_post_hooks
-        saved = dict(pre), dict(post)
-        pre.clear()
-        post.clear()
-        try:
-            return self.inner.step(closure) if closure is not None else self.inner.step()
-        finally:
-            pre.update(saved[0])
-            post.update(saved[1])
+        """The inner optimizer's step with its own step hooks, without the process-wide ones.
+
+        The global hooks already ran for this optimizer's step; they fire once per step.
+        torch wraps every optimizer class's ``step`` to run both kinds of hooks: this calls
+        the unwrapped ``step`` between the inner optimizer's own hooks, so that nothing
+        process-wide changes (another thread's optimizer keeps its global hooks).
+        """
+        inner = self.inner
+        args: tuple[Any, ...] = (inner,) if closure is None else (inner, closure)
+        kwargs: dict[str, Any] = {}
+        wrapped = type(inner).step
+        raw = getattr(wrapped, "__wrapped__", None) if getattr(wrapped, "hooked", False) else None
+        patched = inner.__dict__.get("step")
+        if raw is None or (patched is not None and not getattr(patched, "_wrapped_by_lr_sched", False)):
+            return inner.step(*args[1:])  # a step torch did not wrap, or one patched on the instance: as it is
+        if patched is not None:
+            inner._opt_called = True  # type: ignore[attr-defined]  # what the LR scheduler's wrapper records
+        for pre_hook in list(inner._optimizer_step_pre_hooks.values()):
+            result = pre_hook(inner, args, kwargs)
+            if result is not None:
+                args, kwargs = result
+        with torch.autograd.profiler.record_function(f"Optimizer.step#{type(inner).__name__}.step"):
+            out = raw(*args, **kwargs)
+        inner._optimizer_step_code()
+        for post_hook in list(inner._optimizer_step_post_hooks.values()):
+            post_hook(inner, args, kwargs)
+        return out
 
     @contextlib.contextmanager
     def _without_own_groups(self) -> Iterator[None]:
@@ -663,7 +682,8 @@ class RECMOptimizer(Optimizer):
         """
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
-        sd = _checkpoint.save(self.inner, self.param_groups, self._layers, self.skipped_steps, self._book.rng)
+        sd = _checkpoint.save(self.inner, self.param_groups, self._layers, self.skipped_steps, self._book.rng,
+                              self._without_own_groups)
         # RECM's own moments sit in each modulation parameter's state entry (every one has an entry,
         # of fixed shape, so that distributed checkpointing finds state for every trained parameter)
         for i, p in enumerate(p for g in self.param_groups for p in g["params"]):
@@ -687,12 +707,14 @@ class RECMOptimizer(Optimizer):
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, state_dict)
             state_dict = result if result is not None else state_dict
-        inner_sd, entries = _checkpoint.split(state_dict)
-        groups = inner_sd["param_groups"]
+        inner_sd, groups, entries = _checkpoint.split(state_dict)
         if self._layers and not any(g.get("recm") for g in groups):
-            groups = inner_sd["param_groups"] = _checkpoint.fresh_recm_group(groups, self.param_groups)
+            groups = _checkpoint.fresh_recm_group(groups, self.param_groups)
+            if inner_sd.get("param_groups") is not groups and "state" in inner_sd:
+                inner_sd["param_groups"] = groups
         saved = [i for g in groups for i in g["params"]]
-        current = [id(p) for g in self.param_groups for p in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        current = [id(p) for p in params]
         matched = _checkpoint.match(self._layers, entries, saved, current)
         _checkpoint.check(matched)
         names = {id(p): n for layer in self._layers for n, p in layer.mod.named_parameters(prefix=layer.name)}
@@ -706,7 +728,9 @@ class RECMOptimizer(Optimizer):
             raise ValueError("the checkpoint's param groups "
                              f"{[len(g['params']) for g in groups]} do not match this optimizer's "
                              f"{[len(g['params']) for g in self.param_groups]}")
-        _checkpoint.load_inner(self.inner, self.param_groups, self.state, inner_sd)
+        if "state" in inner_sd:
+            _checkpoint.check_inner(inner_sd["state"], saved, params, names)
+        _checkpoint.load_inner(self.inner, self.param_groups, self.state, inner_sd, self._without_own_groups)
         self._book.clear()
         for layer in self._layers:
             entry = matched.get(layer)
@@ -724,6 +748,7 @@ class RECMOptimizer(Optimizer):
             self._clock = max(int(layer.mod.t) for layer in self._layers)
         self._refresh_live()
         self._reset_coefficients()
+        self._model_unchecked = True
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
@@ -733,9 +758,14 @@ class RECMOptimizer(Optimizer):
 
         Args:
             keep_state: keep each layer's modulation (and its state) on the model, as a
-                trained model keeps its BatchNorm statistics. With ``False`` the layers
-                become their equivariant parts again, and the modulation's param group
-                leaves the inner optimizer.
+                trained model keeps its BatchNorm statistics, frozen: alpha and beta are
+                constants, the modulation's parameters stop requiring grad (no optimizer
+                moves them), and pruned terms are skipped in training forwards too, so
+                the model computes what :func:`recm_opt.export` bakes, in training and in
+                evaluation, however it is trained afterwards. A new ``RECMOptimizer`` for the
+                model takes the modulations over again and unfreezes them. With ``False`` the
+                layers become their equivariant parts again, and the modulation's param
+                group leaves the inner optimizer.
         """
         for layer in self._layers:
             for handle in layer.handles:
@@ -746,6 +776,8 @@ class RECMOptimizer(Optimizer):
                 del layer.mod.__dict__["_owner"]
             if not keep_state and layer.module._modules.get(_MODULATION) is layer.mod:
                 del layer.module._modules[_MODULATION]
+            elif keep_state and owner is not None and owner() is self:
+                _freeze(layer.mod)
         if not keep_state:
             ids = {id(p) for layer in self._layers for p in layer.mod.parameters()}
             for p in [p for g in self.param_groups if g.get("recm") for p in g["params"]]:
@@ -759,6 +791,27 @@ class RECMOptimizer(Optimizer):
         if self._detached:
             raise RuntimeError(f"{self!r} was detached (by detach() or by a newer RECMOptimizer for the same "
                                "model); step the optimizer that drives the model now")
+        if self._model_unchecked:  # the first step after building or loading
+            self._model_unchecked = False
+            self._warn_new_layers()
+
+    def _warn_new_layers(self) -> None:
+        """Warn about ``@relaxed`` layers of the model that this optimizer does not modulate (added later)."""
+        model = self._model() if self._model is not None else None
+        if model is None:
+            return
+        known = {id(layer.module) for layer in self._layers}
+        new = sorted({layer_name(n) or type(m).__name__ for n, m in model.named_modules()
+                      if get_relaxation(m) is not None and id(m) not in known})
+        if new:
+            warnings.warn(f"layers {new} are @relaxed but were added to the model after this RECMOptimizer was "
+                          "built: they are not modulated (they compute their equivariant part). Build the optimizer "
+                          "once the model is complete", stacklevel=4)
+
+    def __getstate__(self) -> dict[str, Any]:
+        raise TypeError(f"{type(self).__name__} cannot be copied or pickled: it holds hooks on its model's layers. "
+                        "To copy a run, save model.state_dict() and opt.state_dict(), then build a new model and "
+                        "RECMOptimizer and load both (opt.load_state_dict)")
 
     # --------------------------------------------------------------- report
     @property
@@ -798,6 +851,17 @@ def _user_stacklevel() -> int:
     return level
 
 
+@torch.no_grad()
+def _freeze(mod: Modulation) -> None:
+    """A detached modulation: constant alpha and beta, its parameters out of every optimizer's reach."""
+    mod.newest = None  # no gradient path into r_theta
+    for p in mod.parameters():
+        p.requires_grad_(False)
+        p.grad = None
+    mod.train_all_live = False  # the pruned terms stay off in training forwards, as in export
+    mod.refresh_live()
+
+
 def _needs_closure(inner: Optimizer) -> bool:
     """Whether the inner optimizer's ``step`` requires a closure (LBFGS evaluates it itself)."""
     param = inspect.signature(type(inner).step).parameters.get("closure")
@@ -817,9 +881,7 @@ def _validate(**kw: Any) -> None:
     if kw["a"] is not None:
         finite("a", 0, True)
     finite("b", 0, True)
-    finite("prune_z", 0, False)
-    if kw["alpha_fn"] not in ALPHA_FNS:
-        raise ValueError(f"alpha_fn must be one of {ALPHA_FNS}, got {kw['alpha_fn']!r}")
+    check_settings(kw["prune_eps"], kw["prune_z"], kw["alpha_fn"])  # as a loaded configuration is checked
     finite("weight_radius", 0, True)
     finite("weight_decay", 0, False)
     if kw["lr"] is not None:
@@ -829,9 +891,6 @@ def _validate(**kw: Any) -> None:
             raise ValueError(f"{key} must be an int >= 1, got {kw[key]!r}")
     if isinstance(kw["seed"], bool) or not isinstance(kw["seed"], int) or kw["seed"] < 0:
         raise ValueError(f"seed must be an int >= 0, got {kw['seed']!r}")
-    eps = kw["prune_eps"]
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < 1:
-        raise ValueError(f"prune_eps must be in [0, 1), got {eps!r}")
     if not callable(kw["beta_fn"]):
         raise TypeError(f"beta_fn must be callable, got {kw['beta_fn']!r}")
     k0 = kw["beta_fn"](torch.zeros(()))

@@ -165,29 +165,21 @@ def _modulation_from_checkpoint(module: nn.Module, state_dict: Mapping[str, Any]
     ``model.load_state_dict`` restore a trained model without an optimizer (evaluation,
     Lightning's resume, which restores the model before ``configure_optimizers``). An
     optimizer built afterwards adopts it, state included.
+
+    The saved modulation is checked first (:func:`~recm_opt.modulation.check_saved`), and a
+    new one is sized by the saved tensors, never by the saved configuration alone: a file
+    of a few kB cannot make the load allocate more. (torch hands each layer only its own
+    keys: with an optimizer attached, its pre-hook checks every layer before any loads.)
     """
+    from .modulation import check_saved, modulation_from_config
+
     key = f"{prefix}{_MODULATION}."
     if _MODULATION in module._modules or not any(k.startswith(key) for k in state_dict):
         return
-    from .modulation import modulation_from_config
-
     tag = get_relaxation(module)
     assert tag is not None
-    from .modulation import config_from
-
-    config = config_from(state_dict.get(key + "_extra_state"))
-    if not isinstance(config, Mapping):  # a checkpoint from recm_opt 0.1: only the standard kind existed
-        weight = state_dict.get(key + "r_theta.0.weight")
-        if not isinstance(weight, Tensor) or weight.dim() != 2 or key + "w_beta" not in state_dict:
-            raise ValueError(f"{key[:-1]}: the checkpoint's modulation has no configuration and no "
-                             "materialised r_theta; it cannot be rebuilt (train one step before saving)")
-        config = {"kind": "recm", "state_dim": state_dict[key + "w_beta"].numel(), "hidden": weight.shape[0],
-                  "in_features": weight.shape[1]}
-    saved_terms = tuple(config.get("terms", tag.term_names))
-    if saved_terms != tag.term_names:
-        raise ValueError(f"{key[:-1]}: the checkpoint's terms {saved_terms} differ from the layer's "
-                         f"{tag.term_names}")
-    mod = modulation_from_config(tag.term_names, dict(config))
+    config = check_saved(state_dict, key, tag.term_names, rebuild=True)
+    mod = modulation_from_config(tag.term_names, config)
     ref = next(iter(module.parameters()), None)
     if ref is not None and ref.is_floating_point():
         mod.to(device=ref.device, dtype=ref.dtype)
@@ -210,8 +202,24 @@ def get_relaxation(module: nn.Module) -> Relaxation | None:
     return tag if isinstance(tag, Relaxation) else None
 
 
-def _relaxed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Tensor:
-    """``beta * f_eq + sum_i alpha_i f_un_i`` over the live terms (see module docstring)."""
+def is_trainable(module: nn.Module) -> bool:
+    """Whether some parameter of the tagged layer itself (not of its modulation) requires grad.
+
+    A layer none of whose parameters requires grad is frozen: the optimizer does not
+    capture it, and its alpha and beta stay constant, so its output does not change.
+    """
+    for name, child in module.named_children():
+        if name != _MODULATION and any(p.requires_grad for p in child.parameters()):
+            return True
+    return any(p is not None and p.requires_grad for p in module._parameters.values())
+
+
+def _relaxed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """``beta * f_eq + sum_i alpha_i f_un_i`` over the live terms (see module docstring).
+
+    A layer with several outputs returns a tuple (or list) from both methods; each output
+    is modulated by the same alpha and beta.
+    """
     out = self.equivariant(*args, **kwargs)  # type: ignore[operator]
     baked = getattr(self, _BAKED, None)
     if baked is not None:  # an exported layer: constants, pruned terms removed
@@ -221,11 +229,36 @@ def _relaxed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Tensor:
         mod = cast("Modulation | None", self._modules.get(_MODULATION))
         if mod is None:  # no optimizer attached: the equivariant part alone
             return out
-        alpha, beta = mod.term_coefficients(with_grad=self.training)
+        # a frozen layer's modulation is frozen too: constant alpha and beta, no gradient into them
+        alpha, beta = mod.term_coefficients(with_grad=self.training and is_trainable(self))
         names = mod.terms
         live = (True,) * len(names) if self.training and mod.train_all_live else mod.live
-    out = beta * out
+    out = _scaled(beta, out)
     for i, (name, on) in enumerate(zip(names, live)):
         if on:
-            out = out + alpha[i] * self.unconstrained(name, *args, **kwargs)  # type: ignore[operator]
+            out = _added(out, alpha[i], self.unconstrained(name, *args, **kwargs), name)  # type: ignore[operator]
     return out
+
+
+def _scaled(c: Tensor, out: Any) -> Any:
+    """``c * out`` for a tensor output, elementwise for a tuple or list of them (a layer with several outputs)."""
+    if isinstance(out, (tuple, list)):
+        return type(out)(_scaled(c, o) for o in out)
+    return c * out
+
+
+def _added(out: Any, c: Tensor, term: Any, name: str) -> Any:
+    """``out + c * term``, elementwise over tuples and lists of the same structure."""
+    if isinstance(out, (tuple, list)):
+        if not isinstance(term, (tuple, list)) or len(term) != len(out):
+            raise TypeError(f"unconstrained({name!r}, ...) must return what equivariant(...) returns: a "
+                            f"{type(out).__name__} of {len(out)} outputs, got {_kind(term)}")
+        return type(out)(_added(o, c, u, name) for o, u in zip(out, term))
+    if not isinstance(term, Tensor):
+        raise TypeError(f"unconstrained({name!r}, ...) must return what equivariant(...) returns: a tensor, got "
+                        f"{_kind(term)}")
+    return out + c * term
+
+
+def _kind(x: Any) -> str:
+    return f"a {type(x).__name__} of {len(x)}" if isinstance(x, (tuple, list)) else type(x).__name__
