@@ -51,6 +51,7 @@ class _Layer:
     positions: dict[str, int]  # argument position of each declared input of ``equivariant``
     term_params: dict[str, list[nn.Parameter]]
     skipped: int = 0  # captures with NaN/Inf values, never reaching h
+    capped: int = 0  # captures whose l was capped as an outlier (modulation.outlier_scale)
     dropped: int = 0  # captures whose backward never ran (eval-like, failed or foreign forwards)
     warned: bool = False
     warned_unbacked: bool = False  # the warning that live captures were dropped was given

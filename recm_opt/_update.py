@@ -64,7 +64,7 @@ def stacked_l(layers: list[_Layer], x: Tensor) -> Tensor:
 
 
 def commit(pending: list[tuple[_Layer, Tensor]], a: float, b: float, foreach: bool = True) -> list[Tensor]:
-    """Commit each layer's l into its h; return a bool tensor per layer, True where h was updated."""
+    """Commit each layer's l into its h; return ``(2, n)`` bool tensors: h updated, and l capped as an outlier."""
     ok: list[Tensor | None] = [None] * len(pending)
     groups: dict[tuple, list[int]] = {}
     for i, (layer, l) in enumerate(pending):
@@ -73,13 +73,12 @@ def commit(pending: list[tuple[_Layer, Tensor]], a: float, b: float, foreach: bo
             groups.setdefault((mod.h.dtype, mod.h.device, l.dtype), []).append(i)
             continue
         finite = bool(torch.isfinite(l).all())  # the per-layer reference: one host sync each
-        if finite:
-            mod.commit(l, a, b)
-        ok[i] = torch.tensor([finite], device=mod.h.device)
+        capped = mod.commit(l, a, b) if finite else torch.tensor(False, device=mod.h.device)
+        ok[i] = torch.stack([torch.tensor(finite, device=mod.h.device), capped]).reshape(2, 1)
     for idx in groups.values():
         ls = torch.stack([pending[i][1] for i in idx])
         flags = _foreach_commit([pending[i][0].mod for i in idx], ls, a, b)
-        for i, f in zip(idx, flags.split(1)):
+        for i, f in zip(idx, flags.split(1, dim=1)):
             ok[i] = f
     return [f for f in ok if f is not None]
 
@@ -225,10 +224,13 @@ def update_states(layers: list[_Layer], groups: list[tuple[list[_Layer], Tensor]
         ls = [full[index[layer]] for layer, _ in items]
     committed = [_foreach_commit([layer.mod for layer in group], gl, a, b) for (group, _), gl in zip(groups, group_ls)]
     committed += commit([(layer, l) for (layer, _), l in zip(items, ls)], a, b, foreach)
-    # one host sync for the whole update: which layers committed, and which terms are kept
-    flags = _host_flags(committed + live_flags(layers, foreach))
+    # one host sync for the whole update: which layers committed, which were capped, which terms are kept
+    flags = _host_flags([c[0] for c in committed] + [c[1] for c in committed] + live_flags(layers, foreach))
     done = sum(len(group) for group, _ in groups) + len(items)
     ok = iter(flags[:done])
+    order = [layer for group, _ in groups for layer in group] + [layer for layer, _ in items]
+    for layer, capped in zip(order, flags[done:2 * done]):
+        layer.capped += capped
     stacked = []
     for group, x in groups:
         took = True
@@ -248,5 +250,5 @@ def update_states(layers: list[_Layer], groups: list[tuple[list[_Layer], Tensor]
             layer.mod.newest = newest(layer, samples, keep)
         else:
             layer.skipped += 1
-    apply_live(layers, flags[done:])
+    apply_live(layers, flags[2 * done:])
     return stacked

@@ -41,13 +41,13 @@ def _term_param_ids(module: nn.Module, attrs: tuple[str, ...]) -> set[int]:
     return out
 
 
-def layer_row(name: str, module: nn.Module, skipped: int = 0, dropped: int = 0, gaps: bool = False
-              ) -> dict[str, Any]:
+def layer_row(name: str, module: nn.Module, skipped: int = 0, dropped: int = 0, gaps: bool = False,
+              capped: int = 0) -> dict[str, Any]:
     """Return the report row of one tagged layer (attached to an optimizer or not).
 
     Keys: ``name``, ``alpha`` (term -> value), ``beta``, ``h_norm``, ``t``, ``kept``,
-    ``pruned``, ``skipped`` (captures with NaN/Inf), ``dropped`` (captures whose
-    backward never ran), ``params_before`` (the layer with every term),
+    ``pruned``, ``skipped`` (captures with NaN/Inf), ``capped`` (captures whose ``l`` was capped
+    as an outlier), ``dropped`` (captures whose backward never ran), ``params_before`` (the layer with every term),
     ``params_after`` (after export) and ``params_equivariant`` (no terms); with
     ``gaps`` and once the layer has a sample also ``lipschitz``, ``gap_w1`` and
     ``alpha_bound`` (see :mod:`recm_opt.diagnostics`).
@@ -71,7 +71,8 @@ def layer_row(name: str, module: nn.Module, skipped: int = 0, dropped: int = 0, 
     pruned_ids = set().union(*(term_ids[n] for n in tag.terms if n not in kept))
     return {
         "name": name, "alpha": alpha, "beta": beta, "h_norm": h_norm, "t": t,
-        "kept": kept, "pruned": [n for n in tag.terms if n not in kept], "skipped": skipped, "dropped": dropped,
+        "kept": kept, "pruned": [n for n in tag.terms if n not in kept], "skipped": skipped, "capped": capped,
+        "dropped": dropped,
         "params_before": _count(module, mod_ids),
         "params_after": _count(module, mod_ids | pruned_ids),
         "params_equivariant": _count(module, mod_ids | all_terms),

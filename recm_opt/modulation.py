@@ -611,19 +611,24 @@ class Modulation(nn.Module):
         return float(s) * GELU_LIPSCHITZ
 
     @torch.no_grad()
-    def commit(self, l: Tensor, a: float, b: float) -> None:
+    def commit(self, l: Tensor, a: float, b: float) -> Tensor:
         """Advance one step: ``t += 1``, ``h <- (1 - gamma_t) h + gamma_t l`` and the noise variance.
+
+        ``l`` is first capped at :func:`outlier_scale`'s bound (one capture far out of range must
+        not steer ``h``); the returned bool tensor says whether it was.
 
         ``noise_var <- (1 - gamma_t)^2 noise_var + gamma_t^2 ||l||^2``: the realised variance of
         ``h``'s increments. When the data are symmetric, ``E[l_theta] = 0`` at every step whatever
         theta does, ``h`` is a martingale and ``E ||h||^2 = E noise_var``.
         """
+        scale = outlier_scale(l.double().pow(2).sum(), self.t, self.gamma_t, self.noise_var)
+        l = (l.double() * scale).to(self.h.dtype)
         self.t += 1
         self.gamma_t.copy_(cast(Tensor, gamma(self.t.to(self.h.dtype), a, b)))
-        l = l.to(self.h.dtype)
         self.h.lerp_(l, self.gamma_t)  # (1 - gamma_t) h + gamma_t l
         g = self.gamma_t.to(self.noise_var.dtype)
         self.noise_var.mul_((1 - g) ** 2).add_(g ** 2 * l.pow(2).sum().to(self.noise_var.dtype))
+        return scale < 1
 
     def extra_repr(self) -> str:  # noqa: D102
         return f"terms={self.terms}, state_dim={self.h.numel()}"
@@ -692,6 +697,35 @@ def _stacked_alpha(mods: Sequence[Modulation], h: Tensor | None = None) -> Tenso
     return alpha_map((w * h).sum(1), fn)
 
 
+#: A capture's ``||l||^2`` is capped at this many times the mean ``||l||^2`` of the captures before it.
+OUTLIER_CAP = 100.0
+#: Commits before the cap applies (the mean of the captures so far is its reference).
+OUTLIER_AFTER = 1
+
+
+def outlier_scale(q: Tensor, t: Tensor, gamma_t: Tensor, noise_var: Tensor) -> Tensor:
+    """The factor in (0, 1] that caps a capture's ``||l||^2 = q`` at ``OUTLIER_CAP`` times its history's mean.
+
+    With ``gamma_t = a / (b + a t)`` every committed ``l`` carries the same weight ``gamma_t`` in
+    ``h_t`` (the closed form), so ``noise_var_t = gamma_t^2 sum_k ||l_k||^2`` and the mean square of
+    the ``t`` captures so far is ``M = noise_var_t / (gamma_t^2 t)``; no new state is needed. A capture
+    over the cap is scaled down to it: one sample far out of range (a 1e30 input) moves ``h`` by at
+    most ``gamma_t sqrt(OUTLIER_CAP M)``, and a real change of scale passes after a few steps,
+    since each capped capture raises ``M`` by up to ``OUTLIER_CAP / t`` of itself. Before
+    ``OUTLIER_AFTER`` commits, or with ``noise_var = 0`` (no history), nothing is capped.
+    Batched over leading dimensions; computed in float64.
+
+    Example:
+        >>> outlier_scale(torch.tensor(400.0), torch.tensor(4), torch.tensor(0.2), torch.tensor(0.16))
+        tensor(0.5000, dtype=torch.float64)
+    """
+    q, g, v = q.double(), gamma_t.double(), noise_var.double()
+    mean = v / (g.square() * t.double()).clamp(min=torch.finfo(torch.float64).tiny)
+    cap = OUTLIER_CAP * mean
+    over = (t >= OUTLIER_AFTER) & (v > 0) & (q > cap)
+    return torch.where(over, (cap / q.clamp(min=torch.finfo(torch.float64).tiny)).sqrt(), torch.ones_like(q))
+
+
 @torch.no_grad()
 def _foreach_commit(mods: Sequence[Modulation], ls: Tensor, a: float, b: float) -> Tensor:
     """Batched :meth:`Modulation.commit` for G standard modulations (same dtype, device, m).
@@ -700,19 +734,22 @@ def _foreach_commit(mods: Sequence[Modulation], ls: Tensor, a: float, b: float) 
     decided on the device so that no host sync is needed.
 
     Returns:
-        The ``(G,)`` bool tensor of layers that committed.
+        The ``(2, G)`` bool tensor: the layers that committed, and those whose ``l`` was capped
+        (:func:`outlier_scale`).
     """
     h = torch.stack([m.h for m in mods])
     ok = ls.mul(0).sum(1) == 0  # 0 * finite = 0 exactly; 0 * inf and 0 * nan are NaN
-    ls = ls.to(h.dtype)
-    t = torch.stack([m.t for m in mods]) + ok.long()
+    t_old, v = torch.stack([m.t for m in mods]), torch.stack([m.noise_var for m in mods])
+    scale = outlier_scale(torch.linalg.vecdot(ls.double(), ls.double()), t_old,
+                          torch.stack([m.gamma_t for m in mods]), v)
+    ls = (ls.double() * scale[:, None]).to(h.dtype)
+    t = t_old + ok.long()
     g = torch.where(ok, gamma(t.to(h.dtype), a, b), torch.stack([m.gamma_t for m in mods]))
     new = torch.where(ok[:, None], torch.lerp(h, ls, g[:, None]), h)
-    v = torch.stack([m.noise_var for m in mods])
     gv = g.to(v.dtype)  # (1 - g)^2 v + g^2 ||l||^2 on the committed rows
     v_new = torch.where(ok, torch.addcmul((1 - gv).square() * v, gv.square(), torch.linalg.vecdot(ls, ls)), v)
     torch._foreach_copy_([m.noise_var for m in mods], list(v_new.unbind()))
     torch._foreach_copy_([m.h for m in mods], list(new.unbind()))
     torch._foreach_copy_([m.t for m in mods], list(t.unbind()))
     torch._foreach_copy_([m.gamma_t for m in mods], list(g.unbind()))
-    return ok
+    return torch.stack([ok, ok & (scale < 1)])

@@ -831,7 +831,8 @@ class RECMOptimizer(Optimizer):
         """
         from .export import layer_row
 
-        return [layer_row(layer.name, layer.module, skipped=layer.skipped, dropped=layer.dropped, gaps=gaps)
+        return [layer_row(layer.name, layer.module, skipped=layer.skipped, dropped=layer.dropped, gaps=gaps,
+                          capped=layer.capped)
                 for layer in self._layers]
 
     def __repr__(self) -> str:

@@ -81,11 +81,15 @@ def test_foreach_commit_equals_commit_and_skips_nonfinite(seed: int, n: int, bad
     ls = torch.randn(n, mods[0].h.numel(), generator=rng(seed + 2), dtype=torch.float64)
     if 0 <= bad < n:
         ls[bad, 0] = math.nan
-    ok = _foreach_commit(mods, ls, a, 1.0)
+    ok, capped = _foreach_commit(mods, ls, a, 1.0)
+    ref_capped = []
     for i, mod in enumerate(ref):
         if bool(torch.isfinite(ls[i]).all()):
-            mod.commit(ls[i], a, 1.0)
+            ref_capped.append(bool(mod.commit(ls[i], a, 1.0)))
+        else:
+            ref_capped.append(False)
     assert ok.tolist() == [bool(torch.isfinite(l).all()) for l in ls]
+    assert capped.tolist() == ref_capped
     for mod, expect in zip(mods, ref):
         torch.testing.assert_close(mod.h, expect.h, atol=TOL, rtol=TOL)
         torch.testing.assert_close(mod.gamma_t, expect.gamma_t, atol=TOL, rtol=TOL)

@@ -233,7 +233,6 @@ def test_model_state_dict_loads_back_after_any_capture(case: tuple[int, float, s
     assert _same(fresh.state_dict(), model.state_dict())
 
 
-@pytest.mark.xfail(strict=False, reason="the commit path's outlier rule is pending (skip and count, or bound)")
 @given(capture_inputs())
 @example((0, 1e30, "loss"))
 def test_one_capture_keeps_h_noise_var_and_alpha_finite_and_bounded(case: tuple[int, float, str]) -> None:
