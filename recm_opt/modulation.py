@@ -263,8 +263,8 @@ def saved_config(state_dict: Mapping[str, Any], prefix: str) -> dict[str, Any]:
 _SHAPES: dict[str, tuple[dict[str, tuple[tuple[int, ...], bool]], set[str]]] = {}
 
 
-def expected_shapes(terms: Sequence[str], config: dict[str, Any]) -> tuple[dict[str, tuple[tuple[int, ...], bool]],
-                                                                           set[str]]:
+def expected_shapes(terms: Sequence[str], config: dict[str, Any], prefix: str = ""
+                    ) -> tuple[dict[str, tuple[tuple[int, ...], bool]], set[str]]:
     """The tensors a modulation of ``config`` holds, ``{key: (shape, is_float)}``, and its parameters' keys.
 
     Built on the meta device: nothing is allocated, whatever sizes the configuration names.
@@ -278,7 +278,7 @@ def expected_shapes(terms: Sequence[str], config: dict[str, Any]) -> tuple[dict[
             with torch.device("meta"):
                 mod = _KINDS[config["kind"]].from_config(tuple(terms), config)
         except Exception as err:  # a configuration no constructor accepts
-            raise ValueError(f"_extra_state: the saved configuration does not build a modulation "
+            raise ValueError(f"{prefix}_extra_state: the saved configuration does not build a modulation "
                              f"({type(err).__name__}: {err})") from err
         shapes = {k: (tuple(v.shape), v.is_floating_point()) for k, v in mod.state_dict().items()
                   if isinstance(v, Tensor) and not k.endswith("_extra_state")}
@@ -299,14 +299,17 @@ def check_saved(state_dict: Mapping[str, Any], prefix: str, terms: Sequence[str]
         ValueError: naming the key.
     """
     config = saved_config(state_dict, prefix)
-    names = tuple(terms) if terms is not None else tuple(config.get("terms", ()))
+    saved_terms = config.get("terms", ())
+    if not isinstance(saved_terms, (list, tuple)) or not all(isinstance(n, str) for n in saved_terms):
+        raise ValueError(f"{prefix}_extra_state: terms must be a list of names, got {saved_terms!r}")
+    names = tuple(terms) if terms is not None else tuple(saved_terms)
     w_alpha = state_dict.get(prefix + "w_alpha")
     if terms is None and "terms" not in config and isinstance(w_alpha, Tensor) and w_alpha.dim() == 2:
         names = tuple(f"term{i}" for i in range(w_alpha.shape[0]))  # recm_opt 0.1 saved no names
     if terms is not None and "terms" in config and tuple(config["terms"]) != names:
         raise ValueError(f"{prefix}_extra_state: the checkpoint's terms {tuple(config['terms'])} differ from the "
                          f"layer's {names}")
-    shapes, params = expected_shapes(names, config)
+    shapes, params = expected_shapes(names, config, prefix)
     check_shapes(state_dict, prefix, shapes, params if rebuild else set(),
                  f"the saved configuration ({prefix}_extra_state)")
     check_state(state_dict, prefix, shapes["h"][0][0] if "h" in shapes else None)

@@ -252,7 +252,17 @@ class RECMOptimizer(Optimizer):
         self.param_groups = optimizer.param_groups
         self._shared = True
         self.state = optimizer.state  # read-only view for users; RECM state lives in the model
-        # ---- the mutations, none of which can fail on bad input
+        # ---- the mutations. The inner optimizer's takes RECM's group first: if it refuses, it is
+        # restored and nothing else has changed.
+        if new_group is not None:
+            before = [list(g["params"]) for g in optimizer.param_groups]
+            move_out(optimizer, new_group)
+            try:
+                optimizer.add_param_group(new_group)
+            except BaseException:
+                for g, params in zip(optimizer.param_groups, before):
+                    g["params"][:] = params
+                raise
         for owner in owners:
             warnings.warn(f"{owner!r} (id {id(owner):#x}) was driving layers {sorted(owner.layers)} of this model; "
                           "this RECMOptimizer takes over and detaches it", stacklevel=2)
@@ -274,10 +284,7 @@ class RECMOptimizer(Optimizer):
         if self._layers and not any(getattr(h, "__wrapped__", None) is _checkpoint.check_model
                                     for h in model._load_state_dict_pre_hooks.values()):
             model.register_load_state_dict_pre_hook(_checkpoint.check_model)
-        if new_group is not None:
-            move_out(optimizer, new_group)
-            optimizer.add_param_group(new_group)
-        elif not self._layers:
+        if new_group is None and not self._layers:
             warnings.warn("RECMOptimizer found no @relaxed layers in the model; it acts as the inner optimizer",
                           stacklevel=2)
         self._adopt_inner_state()

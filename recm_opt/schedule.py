@@ -214,6 +214,8 @@ class ModulationStep:
                 raise ValueError(f"{where}, {key}: holds NaN/Inf or negative values")
         if float(entry["recm_step"]) != int(float(entry["recm_step"])):
             raise ValueError(f"{where}, recm_step: expected a whole number, got {float(entry['recm_step'])}")
+        if float(entry["recm_step"]) == 0 and (bool(entry["recm_exp_avg"].any()) or bool(entry["recm_exp_avg_sq"].any())):
+            raise ValueError(f"{where}, recm_exp_avg / recm_exp_avg_sq: not zero, but recm_step is 0")
 
     def load_entry(self, p: Tensor, entry: dict[str, Any]) -> bool:
         """Load one parameter's checked moments (:meth:`check_entry`); return whether the entry had them."""

@@ -577,7 +577,6 @@ def test_example_that_misses_a_training_only_head_says_why() -> None:
                       example=torch.zeros(1, 4, 3))
 
 
-@pytest.mark.xfail(strict=False, reason="the constructor's rollback on a failing inner optimizer is pending")
 def test_failed_construction_leaves_the_model_as_it_was() -> None:
     """An inner optimizer that refuses RECM's param group: the model keeps no modulation and no hook."""
     class Refusing(torch.optim.SGD):
