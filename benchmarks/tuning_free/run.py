@@ -90,7 +90,11 @@ def _cell(a: float, lr: float) -> str:
 
 
 def _run_all(jobs: list[tuple], n_jobs: int) -> list[dict[str, Any]]:
-    from tqdm import tqdm
+    try:
+        from tqdm import tqdm
+    except ImportError:  # the progress bar is optional (the ``progress`` extra)
+        def tqdm(it: Any, **_: Any) -> Any:  # type: ignore[no-redef]
+            return it
 
     if n_jobs > 1:
         import multiprocessing as mp
