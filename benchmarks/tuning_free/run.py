@@ -69,6 +69,13 @@ def run_one(task: str, inner: str, arm: str, seed: int, steps: int, batch: int =
             "max_abs_alpha": max(abs(a) for la in layers for a in la["alpha"]), "layers": layers, "wall_s": wall}
 
 
+def run_defaults_for(steps: int) -> Any:
+    """The library's defaults for a run of ``steps`` (what the "default" arm uses)."""
+    from recm_opt.schedule import run_defaults
+
+    return run_defaults(steps)
+
+
 def _job(args: tuple) -> dict[str, Any]:
     return run_one(*args)
 
