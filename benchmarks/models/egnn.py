@@ -154,6 +154,7 @@ def _init_candidates(module: nn.Module, hidden: int, out: int) -> None:
         module.un_weight.weight.mul_(0.01)
     module.un_bias = nn.Parameter(torch.zeros(out))
     module.noise_scale = nn.Parameter(torch.full((), 1e-2))
+    module.candidate_out = out  # not from a candidate's parameter: export deletes a pruned term's
 
 
 def _candidate(module: nn.Module, term: str, x: Tensor, v: Tensor, h: Tensor) -> Tensor:
@@ -164,7 +165,7 @@ def _candidate(module: nn.Module, term: str, x: Tensor, v: Tensor, h: Tensor) ->
         return module.un_bias.expand(x.shape[0], -1)
     if term != "noise":
         raise ValueError(f"unknown unconstrained term {term!r}")
-    noise = torch.randn(x.shape[0], module.un_bias.shape[0], dtype=x.dtype, device=x.device)
+    noise = torch.randn(x.shape[0], module.candidate_out, dtype=x.dtype, device=x.device)
     return module.noise_scale * noise if module.training else torch.zeros_like(noise)
 
 

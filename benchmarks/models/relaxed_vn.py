@@ -64,7 +64,7 @@ class RelaxedVNLinear(nn.Module):
     def unconstrained(self, term: str, z: Tensor) -> Tensor:
         """The candidate terms that may break rotation symmetry, each ``(B, C_out, 3, N)``."""
         b, n = z.shape[0], z.shape[-1]
-        c_out = self.un_bias.shape[0]
+        c_out = self.eq.c_out  # not un_bias's: export deletes a pruned term's parameter
         if term == "weight":
             # (B, C_in, 3, N) viewed as (B, 3 C_in, N) is the channel-major flattening: one matmul.
             return (self.un_weight @ z.reshape(b, -1, n)).view(b, c_out, 3, n)
@@ -101,7 +101,7 @@ class _BranchVNLinear(nn.Module):
     def unconstrained(self, term: str, z: Tensor) -> Tensor:
         """The dense map or the bias, each ``(B, C_out, 3, N)``."""
         b, n = z.shape[0], z.shape[-1]
-        c_out = self.un_weight.shape[0] // 3
+        c_out = self.eq.c_out  # not un_weight's: export deletes a pruned term's parameter
         if term == "weight":
             return (self.un_weight @ z.reshape(b, -1, n)).view(b, c_out, 3, n)
         assert self.un_bias is not None
