@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:  # noqa: D103
         tasks, a_grid, lr_grid = ["vector-symmetric", "vector-broken"], (1e-1,), (1e-3, 3e-2)
     expected = len(tasks) * len(INNERS) * (len(a_grid) * len(lr_grid) * args.grid_seeds + 3 * args.seeds)
     print(f"tuning_free: about {expected} runs of {args.steps} steps on {args.jobs} job(s)", file=sys.stderr)
-    t0 = time.perf_counter()
+    t0, commit = time.perf_counter(), _commit()  # the code the runs import: read before they start
     grid_jobs = [(task, inner, _cell(a, lr), seed, args.steps, 64, {"a": a, "lr": lr})
                  for task, inner, a, lr, seed in itertools.product(tasks, INNERS, a_grid, lr_grid,
                                                                    range(args.grid_seeds))]
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:  # noqa: D103
     runs += _run_all(more, args.jobs)
     summary = summarise(runs, tasks, best, args.seeds)
     result = {"command": " ".join(["python -m benchmarks.tuning_free", *(argv if argv is not None else sys.argv[1:])]),
-              "commit": _commit(), "machine": f"{platform.machine()} {platform.processor()}, torch {torch.__version__}, "
+              "commit": commit, "machine": f"{platform.machine()} {platform.processor()}, torch {torch.__version__}, "
               f"{args.jobs} job(s), 1 torch thread each", "steps": args.steps, "seeds": args.seeds,
               "grid_seeds": args.grid_seeds, "a_grid": list(a_grid), "lr_grid": list(lr_grid),
               "wall_s": time.perf_counter() - t0, "summary": summary, "runs": runs}
