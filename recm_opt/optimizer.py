@@ -619,8 +619,10 @@ class RECMOptimizer(Optimizer):
     def observe(self, target: Tensor) -> None:
         """Pair the forwards captured since the last ``observe`` with the model's ``target``.
 
-        Call it once per forward pass, before ``step()`` (e.g. in Lightning's
-        ``training_step``). ``step(target=y)`` calls it for you.
+        Call it once per forward pass, after the forward and before ``step()``: before or
+        after the backward (Lightning's ``training_step``, a Hugging Face Trainer's
+        ``compute_loss`` after ``model(...)``). Called before its forward, it finds nothing
+        to pair, and the step then raises and says so. ``step(target=y)`` calls it for you.
 
         Raises:
             ValueError: if ``target`` does not match a layer's units or its representation.
