@@ -44,8 +44,12 @@ def data(step: int) -> tuple[Tensor, Tensor]:
     return x, x[:, 0] * 2 + torch.tensor([0.5, 0.0, 0.0])
 
 
-def build(sharded: bool) -> tuple[nn.Module, recm.RECMOptimizer]:
+def build(sharded: bool, scale: float = 1.0) -> tuple[nn.Module, recm.RECMOptimizer]:
+    """TinyNet (its unconstrained weights times ``scale``), sharded by fully_shard or not, and its optimizer."""
     model = TinyNet()
+    with torch.no_grad():
+        for layer in (model.enc, model.dec):
+            layer.un.mul_(scale)
     if sharded:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -113,6 +117,9 @@ def _worker(rank: int, init_file: str, out: str) -> None:
         train(fresh, fresh_opt, range(STEPS, 2 * STEPS), rank)
         result["resumed"] = full(fresh)
 
+        big, _ = build(sharded=True, scale=1e3)  # construction projects the sharded weights onto their ball
+        result["projected"] = full(big)
+
         x, _ = data(99)
         model.eval()
         with torch.no_grad():
@@ -164,6 +171,16 @@ def test_first_sharded_step_matches_one_process_on_the_whole_batch(ranks: list[d
     for key, value in ranks[0]["one"].items():
         torch.testing.assert_close(value, single[key], rtol=1e-4, atol=1e-6,
                                    msg=lambda m, key=key: f"{key}: {m}")
+
+
+@pytest.mark.slow
+def test_projection_of_sharded_weights_uses_their_whole_norm(ranks: list[dict]) -> None:
+    """Unconstrained weights 1000x outside their ball, sharded: projected as one process projects them."""
+    model, _ = build(sharded=False, scale=1e3)
+    for key in ("enc.un", "dec.un"):
+        assert 0.99 < float(model.state_dict()[key].norm()) <= 1.0
+        for rank in ranks:
+            torch.testing.assert_close(rank["projected"][key], model.state_dict()[key], rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.slow
