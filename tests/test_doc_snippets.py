@@ -52,10 +52,11 @@ LOOPS: dict[str, tuple[tuple[str, ...], str]] = {
                             "model.parameters(), lr=1e-3), model, target=recm.Vector('b xyz'), example=x)"),
     "accelerator": ((), "from accelerate import Accelerator\naccelerator = Accelerator(cpu=True)"),
     "pl": ((), "import pytorch_lightning as pl"),
-    "DistributedDataParallel": ((), "import torch.distributed as dist\n"
-                                    "from torch.nn.parallel import DistributedDataParallel\n"
-                                    "dist.init_process_group('gloo', init_method='file://' + os.path.join(tmp_dir, "
-                                    "'pg'), rank=0, world_size=1)"),
+    "DistributedDataParallel": (("process group",), "from torch.nn.parallel import DistributedDataParallel"),
+    # a one-rank gloo group, for blocks that use DDP or fully_shard
+    "process group": ((), "import torch.distributed as dist\n"
+                          "dist.init_process_group('gloo', init_method='file://' + os.path.join(tmp_dir, 'pg'), "
+                          "rank=0, world_size=1)"),
 }
 
 # The user guide's context: the guide's own layer (Vector-Neuron features with points, sizes not declared).
@@ -149,6 +150,8 @@ def _context(page: str, code: str) -> str:
 
     for name in _free_names(code):
         need(name)
+    if "fully_shard(" in code:
+        need("process group")
     return "\n".join(entries[n][1] for n in order)
 
 
