@@ -192,3 +192,17 @@ def test_names_the_docs_use_are_public() -> None:
     """Every ``recm.<name>`` in a code block is in ``recm_opt.__all__`` (pyright and mypy --strict accept it)."""
     used = {n for _, _, code, _ in BLOCKS for n in re.findall(r"\brecm\.([A-Za-z_]\w*)", code)}
     assert sorted(used - set(recm.__all__)) == []
+
+
+def test_integrations_table_names_tests_that_exist() -> None:
+    """Each test the README's integrations table cites is a file of tests/, and a named test is defined in it."""
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("## Integrations", 1)[1].split("\n## ", 1)[0]
+    cited = re.findall(r"`(tests/[\w/]+\.py)(?:::(\w+))?`", table)
+    assert len(cited) >= 15
+    missing = []
+    for path, name in cited:
+        source = ROOT / path
+        if not source.is_file() or (name and f"def {name}(" not in source.read_text()):
+            missing.append(f"{path}::{name}" if name else path)
+    assert not missing, missing
