@@ -119,3 +119,14 @@ def test_every_public_class_has_its_methods_documented(api_html):
             if not meth.startswith("_") and inspect.isfunction(value) and f"recm_opt.{name}.{meth}" not in anchors:
                 missing.append(f"{name}.{meth}")
     assert not missing, f"public methods without an API entry (give them a docstring): {missing}"
+
+
+def test_result_figures_are_shown_inline(site):
+    """Every figure of docs/ that a page refers to is shown as an image, not only linked."""
+    linked, shown = set(), set()
+    for page in _pages(site):
+        html = page.read_text()
+        linked |= {(page.parent / h).resolve() for h in re.findall(r'<a [^>]*href="([^"#]+\.png)"', html)}
+        shown |= {(page.parent / h).resolve() for h in re.findall(r'<img [^>]*src="([^"]+\.png)"', html)}
+    assert shown, "no figure is shown"
+    assert not sorted(linked - shown), f"figures only linked: {sorted(str(p) for p in linked - shown)}"
