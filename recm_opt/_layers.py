@@ -211,8 +211,11 @@ def _probe(model: nn.Module, example: Any, layers: list[_Found]) -> dict[str, in
 
 
 def _reshard(model: nn.Module) -> None:
-    """Reshard FSDP2 modules after the probe: a root keeps its gathered parameters after a forward, and the
-    optimizer must hold the sharded ones (the gathered ones are freed at the next forward)."""
+    """Reshard FSDP2 modules after the probe.
+
+    A root keeps its gathered parameters after a forward, and the optimizer must hold the
+    sharded ones (the gathered ones are freed at the next forward).
+    """
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # torch without distributed support

@@ -13,9 +13,10 @@ Two limits, both shared with DDP. From the second step on, ``r_theta`` gets the 
 of each rank's gradient through its own newest sample, a mean of products, not the product of
 means that one process computes. AdamW turns the difference into lr-sized steps of ``r_theta``
 (measured: 0.02 at lr 1e-2), and the ``h`` that this ``r_theta`` computes at the end of the same
-step moves with it (41 % of its size), so the comparison with one process is of the first step. And distributed checkpointing keeps one copy of
-each non-sharded entry, so every rank resumes with the coordinator's newest sample: the resumed
-run is not bit-exact with the uninterrupted one after the first step.
+step moves with it (41 % of its size), so the comparison with one process is of the first step.
+And distributed checkpointing keeps one copy of each non-sharded entry, so every rank resumes
+with the coordinator's newest sample: the resumed run is not bit-exact with the uninterrupted one
+after the first step.
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ def full(model: nn.Module) -> dict[str, Tensor]:
     """The model's whole state (sharded parameters gathered), as plain tensors."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return {k: v.clone() for k, v in get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)).items()}
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    return {k: v.clone() for k, v in state.items()}
 
 
 def _flat(state: dict) -> dict[str, Tensor]:

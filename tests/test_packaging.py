@@ -125,7 +125,8 @@ def test_sdist_ships_no_partial_test_tree(tmp_path):
     with tarfile.open(sdist) as tar:
         names = [n.split("/", 1)[1] for n in tar.getnames() if "/" in n]
     assert "LICENSE" in names and "recm_opt/optimizer.py" in names and "mkdocs.yml" in names
-    docs = {str(p.relative_to(ROOT)) for p in (ROOT / "docs").rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    docs = {str(p.relative_to(ROOT)) for p in (ROOT / "docs").rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts}
     assert not sorted(docs - set(names)), f"docs files the sdist lacks: {sorted(docs - set(names))}"
     assert not [n for n in names if n.startswith(("tests/", "benchmarks/", "examples/"))]
 

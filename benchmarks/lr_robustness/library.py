@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from benchmarks.lr_robustness.run import GELU_MIN, ROOT, _test_mse, _vector_model, build_vector_net
+from benchmarks.stats import t_interval
 
 
 def run_one(task: str, alpha_fn: str, opt_name: str, lr: float, seed: int, steps: int,
@@ -67,17 +68,6 @@ def run_one(task: str, alpha_fn: str, opt_name: str, lr: float, seed: int, steps
 
 def _job(args: tuple) -> dict[str, Any]:
     return run_one(*args)
-
-
-def _t_interval(xs: list[float]) -> tuple[float, float, float]:
-    from scipy import stats
-
-    mean = sum(xs) / len(xs)
-    if len(xs) < 2:
-        return mean, mean, mean
-    sd = math.sqrt(sum((v - mean) ** 2 for v in xs) / (len(xs) - 1))
-    half = float(stats.t.ppf(0.975, len(xs) - 1)) * sd / math.sqrt(len(xs))
-    return mean, mean - half, mean + half
 
 
 def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -116,7 +106,7 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
                     }
                     sym_ok &= len(pruned) >= 3 and all(pruned)
                     brk_ok &= bool(ratios) and max(ratios) <= 1.05
-            mean, lo, hi = _t_interval(logs) if logs else (math.nan, math.nan, math.nan)
+            mean, lo, hi = t_interval(logs) if logs else (math.nan, math.nan, math.nan)
             out[f"{fn}+{rule}"] = {"cells": cells, "meets_symmetric_target": sym_ok,
                                    "meets_broken_target_every_seed": brk_ok,
                                    "broken_geo_mean_ratio": math.exp(mean),

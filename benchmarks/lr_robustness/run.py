@@ -76,6 +76,7 @@ import torch
 from torch import Tensor, nn
 
 import recm_opt as recm
+from benchmarks.stats import t_interval
 from recm_opt.modulation import Modulation
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -386,8 +387,6 @@ def paired(records: list[dict[str, Any]], variant: str, rule: str = "eps",
 
     Mean with a 95 % t-interval; exp of the bounds is the geometric-mean ratio's interval.
     """
-    from scipy import stats
-
     out = {}
     for opt in ("adamw", "sgd"):
         ref = {(r["lr"], r["seed"]): r["test_mse"]["eps"] for r in records
@@ -397,12 +396,10 @@ def paired(records: list[dict[str, Any]], variant: str, rule: str = "eps",
                  and (r["lr"], r["seed"]) in ref]
         if len(diffs) < 2:
             continue
-        mean = sum(diffs) / len(diffs)
-        sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1))
-        half = float(stats.t.ppf(0.975, len(diffs) - 1)) * sd / math.sqrt(len(diffs))
-        out[opt] = {"pairs": len(diffs), "mean_log_ratio": mean, "ci95": [mean - half, mean + half],
-                    "ratio": math.exp(mean), "ratio_ci95": [math.exp(mean - half), math.exp(mean + half)],
-                    "within_noise": mean - half <= 0 <= mean + half}
+        d = t_interval(diffs)
+        out[opt] = {"pairs": len(diffs), "mean_log_ratio": d.mean, "ci95": [d.lo, d.hi],
+                    "ratio": math.exp(d.mean), "ratio_ci95": [math.exp(d.lo), math.exp(d.hi)],
+                    "within_noise": d.within_noise}
     return out
 
 

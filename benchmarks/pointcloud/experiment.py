@@ -50,6 +50,7 @@ import recm_opt as recm
 
 from ..models.relaxed_vn import relaxed_vn_pointnet, vn_pointnet
 from ..models.vn import evaluate
+from ..stats import t_interval  # noqa: F401  (re-exported: generating_sets, tests)
 from .data import CLASS_NAMES, load_split
 
 VARIANTS = ("rotated", "aligned", "rotated_fixed")
@@ -213,19 +214,6 @@ def run_one(method: str, variant: str, seed: int, train_data: Data, test_data: D
 
 
 # ------------------------------------------------------------------ statistics
-def t_interval(diffs: list[float]) -> tuple[float, float, float]:
-    """Mean and 95 % t-interval of paired differences."""
-    from scipy import stats
-
-    n = len(diffs)
-    t = torch.tensor(diffs, dtype=torch.float64)
-    mean = float(t.mean())
-    if n < 2:
-        return mean, float("nan"), float("nan")
-    half = float(stats.t.ppf(0.975, n - 1)) * float(t.std()) / math.sqrt(n)
-    return mean, mean - half, mean + half
-
-
 def paired(results: dict[str, Any], variant: str, a: str, b: str, key: str = "inst") -> dict[str, Any]:
     """``a - b`` per seed (percentage points), its mean, 95 % CI and whether the CI covers 0."""
     xs, ys = results[variant]["methods"][a][key], results[variant]["methods"][b][key]
