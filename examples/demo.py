@@ -1,8 +1,9 @@
 """Demo: RECM on one synthetic task in two versions, exactly symmetric and broken.
 
-Trains ``VectorNet`` (three relaxed vector layers) with ``RECMOptimizer`` and the
-defaults (a = 1e-3, m = 16, Adam lr 1e-3, batch 64). Expected: on the symmetric
-version every alpha ends pruned (|alpha| < 0.01) and the exported model is exactly
+Trains ``VectorNet`` (three relaxed vector layers) with ``RECMOptimizer`` and its
+defaults, which derive from the run length (``total_steps``), with Adam lr 1e-3 for the
+weights and batches of 64. Expected: on the symmetric
+version every term ends pruned and the exported model is exactly
 equivariant; on the broken version at least one layer keeps alpha > 0.01.
 
 Run: ``make demo`` (or ``python examples/demo.py --steps 3000``). About 1.5 min on one CPU core.
@@ -46,7 +47,7 @@ def train(
     torch.manual_seed(seed)
     model = VectorNet()
     opt = recm.RECMOptimizer(torch.optim.Adam(model.parameters(), lr=1e-3), model, target=recm.Vector("b xyz"),
-                             example=torch.zeros(1, 4, 3))
+                             example=torch.zeros(1, 4, 3), total_steps=steps)
     x, y = make_task(steps * batch, broken, seed=seed + 1)
     logged_steps: list[int] = []
     history: list[dict[str, float]] = []

@@ -40,8 +40,9 @@ LOOPS: dict[str, tuple[tuple[str, ...], str]] = {
     "loader": (("batch",), "loader = [batch(16, seed=i) for i in range(4)]"),
     "loss_fn": ((), "def loss_fn(out, y):\n    return (out - y).pow(2).mean()"),
     "accumulate": ((), "accumulate = 2"),
+    "epochs": ((), "epochs = 2"),
     "opt": (("model", "x"), "opt = recm.RECMOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), model, "
-                            "target=recm.Vector('b xyz'), example=x)"),
+                            "target=recm.Vector('b xyz'), example=x, total_steps=8)"),
     "inner": (("model",), "inner = torch.optim.AdamW(model.parameters(), lr=1e-3)"),
     "loss": (("opt", "loss_fn"), "loss = loss_fn(model(x), y)"),
     "path": ((), "path = os.path.join(tmp_dir, 'checkpoint')"),
@@ -49,7 +50,8 @@ LOOPS: dict[str, tuple[tuple[str, ...], str]] = {
     "out_dir": ((), "out_dir = os.path.join(tmp_dir, 'trainer')"),
     "dataset": (("batch",), "_x, _y = batch(64)\ndataset = [{'x': a, 'labels': b} for a, b in zip(_x, _y)]"),
     "build": (("Net", "x"), "def build():\n    model = Net()\n    return model, recm.RECMOptimizer(torch.optim.AdamW("
-                            "model.parameters(), lr=1e-3), model, target=recm.Vector('b xyz'), example=x)"),
+                            "model.parameters(), lr=1e-3), model, target=recm.Vector('b xyz'), example=x, "
+                            "total_steps=8)"),
     "accelerator": ((), "from accelerate import Accelerator\naccelerator = Accelerator(cpu=True)"),
     "pl": ((), "import pytorch_lightning as pl"),
     "DistributedDataParallel": (("process group",), "from torch.nn.parallel import DistributedDataParallel"),
@@ -86,7 +88,7 @@ class RelaxedVNLinear(nn.Module):
     "x": ((), "x, y = torch.randn(16, 4, 3, 10), torch.randn(16)"),
     "loss_fn": ((), "def loss_fn(out, y):\n    return (out.pow(2).mean((1, 2, 3)) - y).pow(2).mean()"),
     "opt": (("model", "x"), "opt = recm.RECMOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), model, "
-                            "target=recm.Invariant('b'), example=x)"),
+                            "target=recm.Invariant('b'), example=x, total_steps=8)"),
 })
 
 CONTEXTS = {"README.md": {}, "docs/guide.md": GUIDE}
@@ -175,6 +177,8 @@ def test_code_block_runs(page: str, line: int, code: str, skip: str | None, tmp_
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the snippets' own warnings (no CUDA for autocast, ...) are not the point
+            # but a snippet that leaves out the run length teaches a warning: it must pass total_steps
+            warnings.filterwarnings("error", message="RECMOptimizer does not know the run length")
             exec(compile(setup, f"{page} context", "exec"), namespace)
             exec(compile("\n" * line + code, page, "exec"), namespace)
     finally:

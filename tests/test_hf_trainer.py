@@ -47,11 +47,11 @@ def _data(n: int = 96) -> list[dict[str, Tensor]]:
 def _train(out: Path, *, resume: str | None = None, observe_first: bool = False) -> tuple[TinyNet, RECMTrainer]:
     torch.manual_seed(0)
     model = TinyNet()
-    opt = recm.RECMOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), model, target=recm.Vector("b xyz"),
-                             a=0.1, example=example(model))
     args = transformers.TrainingArguments(
         str(out), max_steps=12, save_steps=6, per_device_train_batch_size=16, use_cpu=True, seed=0,
         remove_unused_columns=False, report_to=[], disable_tqdm=True, logging_steps=100)
+    opt = recm.RECMOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), model, target=recm.Vector("b xyz"),
+                             example=example(model), total_steps=args.max_steps)
     trainer = RECMTrainer(model=model, args=args, train_dataset=_data(), recm_opt=opt, observe_first=observe_first)
     trainer.train(resume_from_checkpoint=resume)
     return model, trainer
