@@ -77,7 +77,12 @@ def _third_party_imports() -> tuple[set[str], dict[str, str]]:
     plain: set[str] = set()
     skipped: dict[str, str] = {}
     for path in [*ROOT.glob("tests/**/*.py"), *ROOT.glob("benchmarks/**/*.py")]:
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        optional = {id(n) for t in ast.walk(tree) if isinstance(t, ast.Try) and _catches_import_error(t)
+                    for stmt in t.body for n in ast.walk(stmt)}  # `try: import tqdm / except ImportError:`
+        for node in ast.walk(tree):
+            if id(node) in optional:
+                continue
             if isinstance(node, ast.Import):
                 plain |= {a.name.split(".")[0] for a in node.names}
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
@@ -93,6 +98,11 @@ def _third_party_imports() -> tuple[set[str], dict[str, str]]:
     return {m for m in plain if keep(m)}, {m: r for m, r in skipped.items() if keep(m)}
 
 
+def _catches_import_error(node: ast.Try) -> bool:
+    names = {ast.unparse(h.type) for h in node.handlers if h.type is not None}
+    return bool(names & {"ImportError", "ModuleNotFoundError", "(ImportError, ModuleNotFoundError)"})
+
+
 def _distributions(module: str) -> set[str]:
     return {d.lower().replace("_", "-") for d in metadata.packages_distributions().get(module, [module])}
 
@@ -100,7 +110,8 @@ def _distributions(module: str) -> set[str]:
 def test_test_extra_covers_every_third_party_import_of_the_tests():
     """`pip install ".[test]"` runs the whole suite: every third-party module the tests (and the benchmark modules
     they load) import is in the test extra, except modules of another extra that a test takes through
-    `pytest.importorskip(..., reason=...)` whose reason names that extra, so that the test skips and says why."""
+    `pytest.importorskip(..., reason=...)` whose reason names that extra, so that the test skips and says why, and
+    optional imports guarded by `except ImportError` (tqdm for progress bars)."""
     extras = PYPROJECT["project"]["optional-dependencies"]
     declared = {_dist_name(r) for r in PYPROJECT["project"]["dependencies"] + extras["test"]}
     plain, skipped = _third_party_imports()
