@@ -5,16 +5,20 @@
   cross-reference. Renaming the title renders them as code.
 * A method that overrides a documented base-class method without a docstring of its own shows the base
   docstring, as ``inspect.getdoc`` and ``help()`` do.
+* A default that is a private module constant (``target=_UNDECLARED``) shows the constant's ``repr``
+  (``Undeclared()``), as ``help()`` does: the reader cannot use the private name.
 """
 
 from __future__ import annotations
 
+import importlib
 import re
 from typing import Any
 
-from griffe import Class, Docstring, Extension, Module, Object
+from griffe import Class, Docstring, Extension, Function, Module, Object
 
 _SINGULAR = re.compile(r"^(\s*)Example:\s*$", re.M)
+_PRIVATE = re.compile(r"^_[A-Za-z]\w*$")
 
 
 def _inherit(cls: Class) -> None:
@@ -51,3 +55,10 @@ class DocstringFixes(Extension):
     def on_package(self, *, pkg: Module, **kwargs: Any) -> None:
         """Once the whole package is loaded (bases resolvable), copy docstrings down to undocumented overrides."""
         _walk(pkg)
+
+    def on_function(self, *, func: Function, **kwargs: Any) -> None:
+        """Show private constants used as defaults by their ``repr``."""
+        for param in func.parameters:
+            if param.default is not None and _PRIVATE.match(str(param.default)):
+                value = getattr(importlib.import_module(func.module.path), str(param.default))
+                param.default = repr(value)

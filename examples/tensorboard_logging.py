@@ -34,7 +34,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = VectorNet()
     opt = recm.RECMOptimizer(torch.optim.Adam(model.parameters(), lr=1e-3), model, target=recm.Vector("b xyz"),
-                             example=torch.zeros(1, 4, 3))
+                             example=torch.zeros(1, 4, 3), total_steps=args.steps)
     x, y = make_task(args.steps * args.batch, broken=1.0, seed=1)
     with SummaryWriter(str(args.logdir)) as writer:
         for step in range(args.steps):

@@ -176,6 +176,7 @@ class CaptureBook:
         self._bound: list[tuple[int, Tensor]] = []  # targets bound by pair(), innermost last
         self._last_target: Tensor | None = None  # the latest target given by observe() or pair()
         self._pairings = 0
+        self._early = False  # an observe() found no forward waiting: it may have come before its forward
         self._seq = 0
         self._paused = False
         self._matrices: dict[tuple, tuple[Representation, Tensor]] = {}
@@ -365,6 +366,7 @@ class CaptureBook:
         self._pairings += 1
         self._index.clear()  # the next forward draws its own units
         backed = [c for c in waiting if c.backed]
+        self._early = self._early or not waiting
         self._pair(backed or waiting, target, self._pairings)
         self._last_target = target
 
@@ -515,10 +517,14 @@ class CaptureBook:
         if unpaired:
             names = sorted({c.layer.name for c in unpaired})
             forwards = max(1, len({c.task for c in unpaired if not c.nested}))
+            how = ("opt.observe(y) ran when no forward was waiting for a target, that is before the forward it "
+                   "belongs to: call it after the forward (in a Hugging Face Trainer's compute_loss, after "
+                   "`outputs = model(...)`), or wrap the forward in `with opt.pair(y):`." if self._early else
+                   "call opt.observe(y) after each forward, wrap it in `with opt.pair(y):`, or pass "
+                   "opt.step(target=y) when the step follows a single forward.")
             raise ValueError(
-                f"layers {names} ran {forwards} training forward(s) with a backward but no target: call "
-                "opt.observe(y) after each forward, wrap it in `with opt.pair(y):`, or pass opt.step(target=y) "
-                "when the step follows a single forward. For input-only l_theta build RECMOptimizer(target=None)")
+                f"layers {names} ran {forwards} training forward(s) with a backward but no target: {how} "
+                "For input-only l_theta build RECMOptimizer(target=None)")
         tasks: dict[int, set[int]] = {}
         for c in self.records:
             if c.backed and c.pairing is not None and not c.nested:
@@ -568,6 +574,7 @@ class CaptureBook:
     def clear(self) -> None:
         """Forget every capture."""
         self.records = []
+        self._early = False
         self._index.clear()
         self._open.clear()
         self._last_target = None

@@ -7,6 +7,10 @@ private generator's state.
 Each layer's entry sits, as ``recm_*`` keys, inside the inner state of that layer's
 ``w_beta`` (the standard ``{state, param_groups}`` shape that distributed checkpointing
 expects) and names its layer, so that entries are matched by name, never by position.
+The newest sample is held in a tuple, ``()`` or ``(tensor,)``: its shape follows the
+batch, and distributed checkpointing saves a tuple whole and loads it by replacement,
+where a tensor is loaded in place into a template of the same shape. So ``dcp.load``
+works into a freshly built optimizer, which has no sample yet.
 
 Loading checks the whole checkpoint first (names, shapes, dtypes, finite values,
 ``t >= 0``) and changes nothing when a check fails. A checkpoint from recm_opt 0.1
@@ -39,8 +43,8 @@ def layer_entries(layers: list[_Layer], skipped_steps: int, rng: torch.Generator
     out = {}
     for layer in layers:
         mod = layer.mod
-        newest = mod.newest if mod.newest is not None else torch.zeros(0)
-        out[layer] = {"recm_layer": layer.name, "recm_newest": newest.clone(),
+        newest = () if mod.newest is None else (mod.newest.clone(),)
+        out[layer] = {"recm_layer": layer.name, "recm_newest": newest,
                       "recm_skipped": torch.tensor(layer.skipped), "recm_dropped": torch.tensor(layer.dropped),
                       "recm_skipped_steps": torch.tensor(skipped_steps), "recm_rng": rng.get_state()}
     return out
@@ -143,7 +147,7 @@ def check(layers: dict[_Layer, dict[str, Any]]) -> None:
                             layer.mod.h.numel())
             except ValueError as err:
                 raise ValueError(f"{where}, recm_{err}") from err
-        newest = e.get("recm_newest")
+        newest = _newest(e)
         if newest is not None:
             if not isinstance(newest, Tensor) or not (newest.numel() == 0 or newest.is_floating_point()):
                 raise ValueError(f"{where}, recm_newest: expected a float tensor, got {_describe(newest)}")
@@ -195,6 +199,17 @@ def check_inner(state: dict[Any, dict[str, Any]], saved_ids: list[Any], params: 
                                  f"{tuple(p.shape)}: the checkpoint is from a model of other sizes")
 
 
+def _newest(e: dict[str, Any]) -> Any:
+    """The entry's newest sample: the tuple's tensor, or (before the tuple) the tensor itself; None if absent."""
+    newest = e.get("recm_newest")
+    if isinstance(newest, tuple):
+        if len(newest) > 1:
+            raise ValueError(f"layer {e.get('recm_layer')!r}, recm_newest: expected () or (tensor,), got a tuple of "
+                             f"{len(newest)}")
+        return newest[0] if newest else None
+    return newest
+
+
 def _describe(v: Any) -> str:
     return f"{v.dtype} of shape {tuple(v.shape)}" if isinstance(v, Tensor) else type(v).__name__
 
@@ -207,8 +222,9 @@ def restore(layer: _Layer, e: dict[str, Any], rng: torch.Generator) -> int | Non
             mod.h.copy_(e["recm_h"])
             mod.t.copy_(e["recm_t"])
             mod.gamma_t.copy_(e["recm_gamma"])
-    newest = e.get("recm_newest", torch.zeros(0))
-    mod.newest = newest.to(device=mod.h.device, dtype=mod.h.dtype) if newest.numel() else None
+    newest = _newest(e)
+    has = newest is not None and newest.numel() > 0
+    mod.newest = newest.to(device=mod.h.device, dtype=mod.h.dtype) if has else None
     layer.skipped = int(e.get("recm_skipped", 0))
     layer.dropped = int(e.get("recm_dropped", 0))
     if "recm_rng" in e:

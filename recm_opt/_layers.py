@@ -206,7 +206,23 @@ def _probe(model: nn.Module, example: Any, layers: list[_Found]) -> dict[str, in
             handle.remove()
         for m, mode in modes.items():
             m.training = mode
+        _reshard(model)
     return seen
+
+
+def _reshard(model: nn.Module) -> None:
+    """Reshard FSDP2 modules after the probe.
+
+    A root keeps its gathered parameters after a forward, and the optimizer must hold the
+    sharded ones (the gathered ones are freed at the next forward).
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without distributed support
+        return
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
 
 
 def attach(layer: _Layer) -> None:

@@ -9,10 +9,11 @@ Example::
 
     trainer = pl.Trainer(callbacks=[RECMMetrics()], logger=CSVLogger("logs"))
 
-Every ``every_n_steps`` optimizer steps the callback sends
+Every ``every_n_steps`` optimizer steps the callback logs
 :func:`recm_opt.monitoring.metrics` of each :class:`~recm_opt.RECMOptimizer` in
-``trainer.optimizers`` to every logger in ``trainer.loggers`` (CSV, TensorBoard,
-W&B, ...), at ``trainer.global_step``.
+``trainer.optimizers`` through the module's ``log_dict``, so Lightning writes them
+with its own metrics of that batch: the same row of a CSV, the same step in
+TensorBoard, W&B, ... (Lightning writes at its ``log_every_n_steps``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,11 @@ from typing import Any
 try:  # the unified package first, so that the Callback matches the Trainer users import from it
     import lightning.pytorch as pl
 except ImportError:
-    import pytorch_lightning as pl
+    try:
+        import pytorch_lightning as pl
+    except ImportError as err:
+        raise ImportError("recm_opt.lightning needs Lightning: pip install 'recm_opt[lightning]' (pytorch-lightning), "
+                          "or pip install lightning") from err
 
 from .monitoring import metrics
 from .optimizer import RECMOptimizer
@@ -54,7 +59,7 @@ class RECMMetrics(pl.Callback):
         return found
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """Log the metrics when the optimizer has stepped a multiple of ``every_n_steps`` times."""
+        """Log the metrics, with the batch's own, when the optimizer has stepped a multiple of ``every_n_steps``."""
         step = trainer.global_step
         every = self.every_n_steps or max(1, int(getattr(trainer, "log_every_n_steps", 1)))
         if step == self._last_logged or step % every != 0 or not trainer.loggers:
@@ -66,5 +71,4 @@ class RECMMetrics(pl.Callback):
         if not flat:
             return
         self._last_logged = step
-        for logger in trainer.loggers:
-            logger.log_metrics(flat, step=step)
+        pl_module.log_dict(flat, on_step=True, on_epoch=False)

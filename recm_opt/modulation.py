@@ -166,7 +166,7 @@ def _foreach_project_norm_(tensors: Sequence[Tensor], radius: float, rows: bool 
     """
     groups: dict[tuple, list[Tensor]] = {}
     for x in tensors:
-        key = (x.dtype, x.device, x.shape[-1] if rows else None)
+        key = (_is_dtensor(x), x.dtype, x.device, x.shape[-1] if rows else None)  # FSDP2's DTensors apart
         groups.setdefault(key, []).append(x)
     for xs in groups.values():
         top = torch.finfo(xs[0].dtype).max  # inf entries -> largest finite: 0-scaled to 0, not NaN
@@ -180,6 +180,11 @@ def _foreach_project_norm_(tensors: Sequence[Tensor], radius: float, rows: bool 
         scale = torch.where(n > radius, _inside(radius, n) / n, 1.0)
         parts = scale.split([x.shape[0] for x in xs]) if rows else scale.unbind()
         torch._foreach_mul_(xs, list(parts))
+
+
+def _is_dtensor(x: Tensor) -> bool:
+    """Whether ``x`` is a DTensor (FSDP2 shards parameters as DTensors; foreach ops cannot mix them with tensors)."""
+    return type(x).__name__ == "DTensor" and hasattr(x, "full_tensor")
 
 
 def _in_backward() -> bool:

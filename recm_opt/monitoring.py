@@ -87,6 +87,10 @@ def plot_history(
 ) -> Any:
     """Plot alpha (every term) and beta per layer over steps, one panel per layer.
 
+    The y axis is symmetric-log (linear below ``prune_eps / 100``) with the pruning band
+    ``|alpha| < prune_eps`` shaded, so that pruned alphas near 0 and kept ones near 1 are
+    both visible.
+
     Args:
         steps: the step of each logged dict.
         history: the dicts :func:`metrics` returned (or read back from a logger), one per step.
@@ -122,9 +126,13 @@ def plot_history(
             pts = [(s, m[key]) for s, m in zip(steps, history) if key in m]
             if pts:
                 ax.plot(*zip(*pts), label=series.replace("alpha/", "alpha_"), ls="--" if series == "beta" else "-")
-        ax.axhspan(-prune_eps, prune_eps, color="grey", alpha=0.2, label="pruned band")
+        ax.axhspan(-prune_eps, prune_eps, color="grey", alpha=0.25, label=f"pruned: |alpha| < {prune_eps:g}")
+        # symlog, linear only below prune_eps / 100: alphas of 1e-3 (pruned, inside the band) and of 1
+        # (kept) are both readable next to beta ~ 1
+        ax.set_yscale("symlog", linthresh=prune_eps / 100, linscale=0.5)
         ax.set_title(layer)
         ax.set_xlabel("step")
+        ax.set_ylabel("alpha_i, beta (symlog)")
     axes[0, 0].legend(fontsize=7)
     if title:
         fig.suptitle(title)

@@ -61,7 +61,7 @@ from ._layers import (
     to_layer_device,
 )
 from .groups import Group, SO3Generators
-from .modulation import Modulation, _foreach_project_norm_, one_plus_tanh
+from .modulation import Modulation, _foreach_project_norm_, _is_dtensor, one_plus_tanh
 from .reps import Representation, Vector
 from .schedule import ModulationStep, attached_schedulers, modulation_lr, run_defaults, run_length
 from .tagging import _MODULATION, get_relaxation
@@ -560,7 +560,7 @@ class RECMOptimizer(Optimizer):
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         if not grads:
             return True, False
-        norms = torch._foreach_norm(grads)
+        norms = _norms(grads)
         if all(n.device == norms[0].device and n.dtype == norms[0].dtype for n in norms):
             s = torch.stack(norms)  # one stack, not an op per gradient
         else:
@@ -619,8 +619,10 @@ class RECMOptimizer(Optimizer):
     def observe(self, target: Tensor) -> None:
         """Pair the forwards captured since the last ``observe`` with the model's ``target``.
 
-        Call it once per forward pass, before ``step()`` (e.g. in Lightning's
-        ``training_step``). ``step(target=y)`` calls it for you.
+        Call it once per forward pass, after the forward and before ``step()``: before or
+        after the backward (Lightning's ``training_step``, a Hugging Face Trainer's
+        ``compute_loss`` after ``model(...)``). Called before its forward, it finds nothing
+        to pair, and the step then raises and says so. ``step(target=y)`` calls it for you.
 
         Raises:
             ValueError: if ``target`` does not match a layer's units or its representation.
@@ -868,6 +870,16 @@ def _freeze(mod: Modulation) -> None:
         p.grad = None
     mod.train_all_live = False  # the pruned terms stay off in training forwards, as in export
     mod.refresh_live()
+
+
+def _norms(grads: list[Tensor]) -> list[Tensor]:
+    """Each gradient's norm; a sharded gradient's (FSDP2's DTensor) over all its shards, so every rank agrees."""
+    sharded = [_is_dtensor(g) for g in grads]
+    local = [g for g, d in zip(grads, sharded) if not d]
+    norms = list(torch._foreach_norm(local)) if local else []
+    if any(sharded):
+        norms += [n.full_tensor() for n in torch._foreach_norm([g for g, d in zip(grads, sharded) if d])]
+    return norms
 
 
 def _needs_closure(inner: Optimizer) -> bool:

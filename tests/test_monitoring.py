@@ -191,7 +191,8 @@ def test_lightning_callback_logs_to_csv_then_tensorboard_across_a_resume(tmp_pat
     rows = list(csv.DictReader(open(Path(csv_logger.log_dir) / "metrics.csv")))
     keys = set(metrics(first.trainer.optimizers[0]))
     logged = [r for r in rows if r.get("recm/net.enc/beta")]
-    assert {int(r["step"]) for r in logged} == {1, 2}
+    assert [int(r["step"]) for r in logged] == [0, 1]  # one row per step, with Lightning's own loss
+    assert all(r["loss"] for r in logged) and len(rows) == 2
     assert keys <= set(rows[0])
     assert float(logged[-1]["recm/net.enc/h_norm"]) == pytest.approx(float(first.net.enc.recm_modulation.h.norm()))
 
@@ -202,10 +203,19 @@ def test_lightning_callback_logs_to_csv_then_tensorboard_across_a_resume(tmp_pat
     assert int(resumed.net.enc.recm_modulation.t) == STEPS
     scalars = _tb_scalars(Path(tb_logger.log_dir))
     assert keys <= set(scalars)
-    assert [s for s, _ in scalars["recm/net.dec/alpha/weight"]] == [3, 4]
+    assert [s for s, _ in scalars["recm/net.dec/alpha/weight"]] == [s for s, _ in scalars["loss"]] == [2, 3]
     final = metrics(resumed.trainer.optimizers[0])
     for key in keys:
         assert scalars[key][-1][1] == pytest.approx(final[key], rel=1e-6, abs=1e-7)  # TensorBoard stores float32
+
+
+def test_lightning_module_without_lightning_says_what_to_install() -> None:
+    """Without Lightning, importing recm_opt.lightning raises ImportError naming the extra to install."""
+    code = ("import sys\nsys.modules['lightning'] = sys.modules['pytorch_lightning'] = None\n"
+            "try:\n    import recm_opt.lightning\nexcept ImportError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    assert "pip install 'recm_opt[lightning]'" in out.stdout, out.stdout + out.stderr
 
 
 def test_callback_rejects_a_bad_interval() -> None:

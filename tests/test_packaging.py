@@ -69,42 +69,78 @@ def test_license_is_an_spdx_expression_with_its_file():
     assert "setuptools>=77" in PYPROJECT["build-system"]["requires"]
 
 
-def test_test_extra_covers_every_third_party_import_of_the_tests():
-    """Every top-level module the tests (and the benchmark modules they load) import is declared in test or docs."""
-    declared = {_dist_name(r) for r in PYPROJECT["project"]["dependencies"]}
-    extras = PYPROJECT["project"]["optional-dependencies"]
-    declared |= {_dist_name(r) for r in extras["test"] + extras["docs"]}  # `make test` installs both
+def _third_party_imports() -> tuple[set[str], dict[str, str]]:
+    """Top-level third-party modules the tests and benchmarks import: plain imports, and importorskip -> reason."""
     local = {"recm_opt", "benchmarks", "tests"} | {p.stem for p in ROOT.glob("tests/**/*.py")}
     local |= {p.stem for p in ROOT.glob("benchmarks/**/*.py")} | {p.stem for p in ROOT.glob("examples/*.py")}
     local |= {p.name for p in ROOT.glob("benchmarks/*/") if p.is_dir()}
-    modules: set[str] = set()
+    plain: set[str] = set()
+    skipped: dict[str, str] = {}
     for path in [*ROOT.glob("tests/**/*.py"), *ROOT.glob("benchmarks/**/*.py")]:
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        optional = {id(n) for t in ast.walk(tree) if isinstance(t, ast.Try) and _catches_import_error(t)
+                    for stmt in t.body for n in ast.walk(stmt)}  # `try: import tqdm / except ImportError:`
+        for node in ast.walk(tree):
+            if id(node) in optional:
+                continue
             if isinstance(node, ast.Import):
-                modules |= {a.name.split(".")[0] for a in node.names}
+                plain |= {a.name.split(".")[0] for a in node.names}
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                modules.add(node.module.split(".")[0])
+                plain.add(node.module.split(".")[0])
             elif isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "importorskip":
-                modules.add(node.args[0].value.split(".")[0])
-    third_party = sorted(m for m in modules - local if m not in sys.stdlib_module_names and m != "__future__")
-    dists = metadata.packages_distributions()
+                reason = next((k.value for k in node.keywords if k.arg == "reason"), None)
+                text = reason.value if isinstance(reason, ast.Constant) else ast.unparse(reason) if reason else ""
+                skipped.setdefault(node.args[0].value.split(".")[0], text)
+
+    def keep(m: str) -> bool:
+        return m not in local and m not in sys.stdlib_module_names and m != "__future__"
+
+    return {m for m in plain if keep(m)}, {m: r for m, r in skipped.items() if keep(m)}
+
+
+def _catches_import_error(node: ast.Try) -> bool:
+    names = {ast.unparse(h.type) for h in node.handlers if h.type is not None}
+    return bool(names & {"ImportError", "ModuleNotFoundError", "(ImportError, ModuleNotFoundError)"})
+
+
+def _distributions(module: str) -> set[str]:
+    return {d.lower().replace("_", "-") for d in metadata.packages_distributions().get(module, [module])}
+
+
+def test_test_extra_covers_every_third_party_import_of_the_tests():
+    """`pip install ".[test]"` runs the whole suite: every third-party module the tests (and the benchmark modules
+    they load) import is in the test extra, except modules of another extra that a test takes through
+    `pytest.importorskip(..., reason=...)` whose reason names that extra, so that the test skips and says why, and
+    optional imports guarded by `except ImportError` (tqdm for progress bars)."""
+    extras = PYPROJECT["project"]["optional-dependencies"]
+    declared = {_dist_name(r) for r in PYPROJECT["project"]["dependencies"] + extras["test"]}
+    plain, skipped = _third_party_imports()
     missing = []
-    for module in third_party:
-        names = {d.lower().replace("_", "-") for d in dists.get(module, [module])}
-        if not names & declared:
-            missing.append(f"{module} (distribution {sorted(names)})")
-    assert not missing, f"imported by tests but not in the test extra: {missing}"
+    for module in sorted(plain | set(skipped)):
+        if _distributions(module) & declared:
+            continue
+        reason = skipped.get(module) if module not in plain else None
+        named = [name for name in extras if reason is not None and f".[{name}]" in reason]
+        if module in metadata.packages_distributions():  # installed: the named extra must declare it
+            named = [n for n in named if _distributions(module) & {_dist_name(r) for r in extras[n]}]
+        if not named:
+            missing.append(f"{module} (skip reason {reason!r})")
+    assert not missing, f"imported by tests but neither in the test extra nor skipped naming its extra: {missing}"
 
 
 def test_sdist_ships_no_partial_test_tree(tmp_path):
-    """The sdist carries the library, LICENSE and docs, and no tests/ (which need the clone's fixtures)."""
+    """The sdist carries the library, LICENSE and every file the docs site is built from (pages, figures,
+    stylesheet, the griffe extension, mkdocs.yml), and no tests/ (which need the clone's fixtures)."""
     pytest.importorskip("build")
     src = _source_copy(tmp_path)
     _run([sys.executable, "-m", "build", "--sdist", "--no-isolation", "--outdir", str(tmp_path / "dist"), str(src)])
     (sdist,) = (tmp_path / "dist").glob("*.tar.gz")
     with tarfile.open(sdist) as tar:
         names = [n.split("/", 1)[1] for n in tar.getnames() if "/" in n]
-    assert "LICENSE" in names and "recm_opt/optimizer.py" in names and "docs/guide.md" in names
+    assert "LICENSE" in names and "recm_opt/optimizer.py" in names and "mkdocs.yml" in names
+    docs = {str(p.relative_to(ROOT)) for p in (ROOT / "docs").rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts}
+    assert not sorted(docs - set(names)), f"docs files the sdist lacks: {sorted(docs - set(names))}"
     assert not [n for n in names if n.startswith(("tests/", "benchmarks/", "examples/"))]
 
 

@@ -166,7 +166,7 @@ def test_corrupt_optimizer_checkpoint_is_checked_whole_and_changes_nothing() -> 
     for group in osd["param_groups"]:
         group["lr"] = 123.0
     entry = next(e for e in osd["state"].values() if e.get("recm_layer") == "dec")
-    entry["recm_newest"] = torch.full_like(entry["recm_newest"], float("nan"))
+    entry["recm_newest"] = (torch.full_like(entry["recm_newest"][0], float("nan")),)
     inner_before = copy.deepcopy(opt.inner.state_dict())
     lrs = [g["lr"] for g in opt.param_groups]
     newest = model.enc.recm_modulation.newest

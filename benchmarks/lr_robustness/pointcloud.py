@@ -30,6 +30,7 @@ from benchmarks.models.relaxed_vn import relaxed_vn_pointnet
 from benchmarks.models.vn import evaluate
 from benchmarks.pointcloud.data import CLASS_NAMES
 from benchmarks.pointcloud.experiment import split_data, train
+from benchmarks.progress import announce, expected, progress
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -67,7 +68,8 @@ def _job(args: tuple) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:  # noqa: D103
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                epilog=expected("about 10 min with --jobs 2 on 2 cores (12 runs)"))
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-2])
@@ -75,13 +77,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:  # noqa: D103
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "lr_robustness_pointcloud.json")
     args = p.parse_args(argv)
     jobs = [(v, lr, s, args.epochs) for v in ("rotated", "aligned") for lr in args.lrs for s in range(args.seeds)]
+    announce(f"about {len(jobs) * 100 / max(1, args.jobs) / 60:.0f} min for {len(jobs)} runs on {args.jobs} "
+             "process(es)")
     if args.jobs > 1:
         import multiprocessing as mp
 
         with mp.get_context("forkserver").Pool(args.jobs) as pool:
-            runs = pool.map(_job, jobs)
+            runs = list(progress(pool.imap(_job, jobs), total=len(jobs)))
     else:
-        runs = [_job(j) for j in jobs]
+        runs = [_job(j) for j in progress(jobs)]
     summary = {}
     for v in ("rotated", "aligned"):
         for lr in args.lrs:

@@ -25,10 +25,11 @@ import math
 
 import torch
 from torch import Tensor, nn
-from .vn import VNLinear, VNPointNet
 
 import recm_opt as recm
 from recm_opt.tagging import _BAKED, get_relaxation
+
+from .vn import VNLinear, VNPointNet
 
 __all__ = ["INITS", "RelaxedVNLinear", "branch_vn_linear", "fix_coefficients", "relaxed_vn_pointnet", "vn_pointnet"]
 

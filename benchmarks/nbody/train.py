@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 import recm_opt as recm
+from benchmarks import stats
 from benchmarks.models.egnn import EGNN, _segment_mean
 from benchmarks.models.segnn import SEGNN
 from benchmarks.nbody import data as nd
@@ -209,15 +210,10 @@ def paired(a: list[float], b: list[float]) -> dict[str, Any]:
         ``{"n", "mean", "ci95": [lo, hi], "rel_mean", "within_noise"}``; ``rel_mean`` is the mean
         difference relative to the mean of ``a``.
     """
-    from scipy import stats
-
-    if len(a) != len(b) or len(a) < 2:
-        raise ValueError(f"paired: need two equal-length lists of >= 2 values, got {len(a)} and {len(b)}")
-    d = torch.tensor(b, dtype=torch.float64) - torch.tensor(a, dtype=torch.float64)
-    n, mean, sd = len(d), float(d.mean()), float(d.std())
-    half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
-    return {"n": n, "mean": mean, "ci95": [mean - half, mean + half], "rel_mean": mean / (sum(a) / n) if sum(a) else None,
-            "within_noise": mean - half <= 0.0 <= mean + half}
+    d = stats.paired(a, b)
+    n = len(a)
+    return {"n": n, "mean": d.mean, "ci95": [d.lo, d.hi], "rel_mean": d.mean / (sum(a) / n) if sum(a) else None,
+            "within_noise": d.within_noise}
 
 
 def mean_sd(values: list[float]) -> list[float]:

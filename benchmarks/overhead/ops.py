@@ -47,6 +47,7 @@ import recm_opt as recm
 from benchmarks.models.relaxed_vn import fix_coefficients
 from benchmarks.overhead.models import RelaxedVectorLinear, make_task
 from benchmarks.overhead.run import VectorStack
+from benchmarks.progress import expected
 
 ROOT = Path(__file__).resolve().parents[2]
 PHASES = ("forward", "backward", "observe", "step", "zero_grad")
@@ -189,7 +190,8 @@ def table(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:  # noqa: D103
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                epilog=expected("about 15 s on one core (12 s measured for L in 1, 4, 16, 64)"))
     p.add_argument("--layers", type=int, nargs="+", default=list(LAYERS))
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--accumulate", type=int, default=1, help="micro-batches per step (observe after each)")
