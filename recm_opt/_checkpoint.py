@@ -24,8 +24,9 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable
+from contextlib import AbstractContextManager as ContextManager
 from itertools import chain
-from typing import Any, ContextManager
+from typing import Any
 
 import torch
 from torch import Tensor, nn

@@ -42,7 +42,6 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from . import _checkpoint, _update
-from ._validation import check_settings
 from ._capture import Capture, CaptureBook, Undeclared, _all_units, _unravel  # noqa: F401  (_all_units, _unravel: tests)
 from ._coefficients import CoefficientBook
 from ._device import _finite_rows, _host_flags
@@ -60,6 +59,7 @@ from ._layers import (
     recm_group,
     to_layer_device,
 )
+from ._validation import check_settings
 from .groups import Group, SO3Generators
 from .modulation import Modulation, _foreach_project_norm_, _is_dtensor, one_plus_tanh
 from .reps import Representation, Vector
@@ -216,7 +216,7 @@ class RECMOptimizer(Optimizer):
                                         or total_steps < 1):
             raise ValueError(f"total_steps must be an int >= 1 or None, got {total_steps!r}")
         _validate(**{f: getattr(cfg, f) for f in fields if f not in ("skip_pruned", "skip_nonfinite", "foreach")})
-        a, b, state_dim, hidden, max_units = cfg.a, cfg.b, cfg.state_dim, cfg.hidden, cfg.max_units
+        b, state_dim, hidden, max_units = cfg.b, cfg.state_dim, cfg.hidden, cfg.max_units
         prune_eps, prune_z, alpha_fn, weight_radius = cfg.prune_eps, cfg.prune_z, cfg.alpha_fn, cfg.weight_radius
         beta_fn, skip_pruned, skip_nonfinite, seed, foreach = (cfg.beta_fn, cfg.skip_pruned, cfg.skip_nonfinite,
                                                                cfg.seed, cfg.foreach)
@@ -855,7 +855,8 @@ def _user_stacklevel() -> int:
     from pathlib import Path
 
     ours = (str(Path(__file__).parent), str(Path(torch.__file__).parent), str(Path(contextlib.__file__).parent))
-    frame, level = sys._getframe(1), 1
+    frame: Any = sys._getframe(1)
+    level = 1
     while frame is not None and frame.f_code.co_filename.startswith(ours):
         frame, level = frame.f_back, level + 1
     return level

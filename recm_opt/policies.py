@@ -296,7 +296,7 @@ class EquivarianceSchedule(_Policy):
     modulation_kind = "es"
 
     def _make_modulation(self, terms: tuple[str, ...], *, state_dim: int, **_: Any) -> Modulation:
-        return _ScheduleModulation(terms, state_dim, self.total_steps, self.peak)
+        return _ScheduleModulation(terms, state_dim, int(self.total_steps or 0), self.peak)
 
     def _inputs(self, layer: _Layer, args: tuple, kwargs: dict) -> tuple[list[Any], list[Representation | None]]:
         params = sorted(layer.positions.items(), key=lambda kv: kv[1])

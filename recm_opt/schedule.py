@@ -116,10 +116,9 @@ def run_length(scheduler: Any) -> int | None:
         last = run_length(scheduler._schedulers[-1])
         return None if last is None else int(scheduler._milestones[-1]) + last
     if isinstance(scheduler, _sched.LambdaLR):
-        lengths = {f.keywords.get("num_training_steps") for f in scheduler.lr_lambdas
-                   if isinstance(f, functools.partial)}
-        lengths.discard(None)
-        return int(lengths.pop()) if len(lengths) == 1 else None
+        lengths = {int(n) for f in scheduler.lr_lambdas if isinstance(f, functools.partial)
+                   if (n := f.keywords.get("num_training_steps")) is not None}
+        return lengths.pop() if len(lengths) == 1 else None
     return None
 
 
@@ -214,7 +213,8 @@ class ModulationStep:
                 raise ValueError(f"{where}, {key}: holds NaN/Inf or negative values")
         if float(entry["recm_step"]) != int(float(entry["recm_step"])):
             raise ValueError(f"{where}, recm_step: expected a whole number, got {float(entry['recm_step'])}")
-        if float(entry["recm_step"]) == 0 and (bool(entry["recm_exp_avg"].any()) or bool(entry["recm_exp_avg_sq"].any())):
+        moments = entry["recm_exp_avg"], entry["recm_exp_avg_sq"]
+        if float(entry["recm_step"]) == 0 and any(bool(m.any()) for m in moments):
             raise ValueError(f"{where}, recm_exp_avg / recm_exp_avg_sq: not zero, but recm_step is 0")
 
     def load_entry(self, p: Tensor, entry: dict[str, Any]) -> bool:

@@ -57,7 +57,7 @@ def _train(model: nn.Module, opt: RECMOptimizer, steps: int) -> None:
     for i in range(steps):
         x, y = batch(seed=i)
 
-        def closure() -> Tensor:
+        def closure(x: Tensor = x, y: Tensor = y) -> Tensor:
             opt.zero_grad()
             loss = (model(x) - y).pow(2).mean()
             loss.backward()
@@ -282,8 +282,8 @@ def test_corrupt_moments_are_named_and_change_nothing() -> None:
         before = [(p, {k: v.clone() for k, v in st.items()}) for p, st in opt._modstep.state.items()]
         with pytest.raises(ValueError, match=r"dec\.w_beta.*recm_"):
             opt.load_state_dict(osd)
-        for p, st in before:
-            assert all(torch.equal(st[k], opt._modstep.state[p][k]) for k in st)
+        for p, saved in before:
+            assert all(torch.equal(saved[k], opt._modstep.state[p][k]) for k in saved)
 
 
 def test_a_scheduler_stepped_per_epoch_is_named() -> None:

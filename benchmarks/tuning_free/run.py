@@ -167,7 +167,7 @@ def summarise(runs: list[dict[str, Any]], tasks: list[str], best: dict[tuple[str
     """Per (task, inner): defaults, odd-GELU vs GELU, best cell, paired log-MSE intervals, pruning counts."""
     out = []
     for task, inner in itertools.product(tasks, INNERS):
-        def arm(name: str) -> dict[int, dict[str, Any]]:
+        def arm(name: str, task: str = task, inner: str = inner) -> dict[int, dict[str, Any]]:
             return {r["seed"]: r for r in runs if r["task"] == task and r["inner"] == inner and r["arm"] == name}
 
         d, g, b = arm("default"), arm("default-gelu"), arm(best[(task, inner)])

@@ -1,4 +1,4 @@
-"""The tuning-free benchmark: its quick mode, and that its set task is exactly permutation-equivariant when symmetric."""
+"""The tuning-free benchmark: its quick mode, and its symmetric set task is exactly permutation-equivariant."""
 
 from __future__ import annotations
 
