@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from torch import Tensor, nn
 from ._coefficients import _in_functorch
 from ._device import _to_device
 from ._layers import _Layer
+from ._warn import warn
 from .groups import Group
 from .modulation import _in_backward, _in_reentrant_recompute
 from .reps import Invariant, Representation
@@ -252,10 +252,10 @@ class CaptureBook:
         over = live[: max(0, len(live) - _MAX_UNBACKED)]
         if over and not layer.warned_unbacked:
             layer.warned_unbacked = True
-            warnings.warn(f"layer {layer.name!r} ran {len(live)} training forwards whose graphs still wait for a "
+            warn(f"layer {layer.name!r} ran {len(live)} training forwards whose graphs still wait for a "
                           f"backward; the oldest are dropped (at most {_MAX_UNBACKED} wait per layer). Call "
                           "backward() and step() more often, or run forwards that need no backward under "
-                          "torch.no_grad()", stacklevel=5)
+                          "torch.no_grad()")
         if dead or over:
             drop = {id(c) for c in dead + over}
             self.records = [c for c in self.records if id(c) not in drop]

@@ -22,7 +22,6 @@ model's own ``load_state_dict`` and checks every modulation's entries before any
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager as ContextManager
 from itertools import chain
@@ -33,6 +32,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ._layers import _Layer
+from ._warn import warn
 from .modulation import Modulation, check_state
 from .tagging import _MODULATION
 
@@ -241,8 +241,8 @@ def fresh_recm_group(groups: list[dict[str, Any]], param_groups: list[dict[str, 
     """
     if not any(g.get("recm") for g in param_groups):
         return groups
-    warnings.warn("state dict has no RECM param group (a plain optimizer checkpoint?): loading the inner state; "
-                  "RECM's state is what the model holds", stacklevel=3)
+    warn("state dict has no RECM param group (a plain optimizer checkpoint?): loading the inner state; "
+                  "RECM's state is what the model holds")
     pos = next(i for i, g in enumerate(param_groups) if g.get("recm"))
     start = 1 + max(chain.from_iterable(g["params"] for g in groups), default=-1)
     ours = {k: v for k, v in param_groups[pos].items() if k != "params"}

@@ -13,7 +13,6 @@ batched path in float64.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +22,7 @@ from torch import Tensor
 from ._device import _host_flags, _to_device
 from ._distributed import _distributed, all_reduce_mean
 from ._layers import _Layer
+from ._warn import warn
 from .modulation import _foreach_commit, _stacked_alpha, _stacked_r_theta, is_standard, kept_terms
 
 Samples = list[tuple[Tensor, int]]  # (stacked sample (1 + k, S, d), units it stands for)
@@ -202,7 +202,7 @@ def update_states(layers: list[_Layer], groups: list[tuple[list[_Layer], Tensor]
         if layer not in have and not layer.warned and (have or any_grad()):
             why = ("ran in training mode, but no backward went through it since the last step (does its output "
                    "reach the loss?)" if layer.ran_unbacked else "did not run in training mode since the last step")
-            warnings.warn(f"layer {layer.name!r} {why}; its h is unchanged", stacklevel=4)
+            warn(f"layer {layer.name!r} {why}; its h is unchanged")
             layer.warned = True
         layer.ran_unbacked = False
     units = {layer: x.shape[2] for group, x in groups for layer in group}

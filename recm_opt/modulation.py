@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import sys
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from types import FrameType
 from typing import Any, cast
@@ -29,6 +28,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from ._validation import ALPHA_FNS, check_config, check_shapes, check_state, decode_config
+from ._warn import warn
 
 __all__ = ["ALPHA_FNS", "GELU_LIPSCHITZ", "Modulation", "alpha_map", "gamma", "kept_terms", "one_plus_tanh",
            "project_norm_"]
@@ -473,8 +473,8 @@ class Modulation(nn.Module):
                 setattr(self, k, v)
         beta = state.get("beta_fn", "one_plus_tanh")
         if beta != "one_plus_tanh" and self.beta_fn is one_plus_tanh:
-            warnings.warn(f"the checkpoint's modulation used beta_fn {beta!r}, which is not saved; pass it again "
-                          "(RECMOptimizer(beta_fn=...)) before using the model", stacklevel=2)
+            warn(f"the checkpoint's modulation used beta_fn {beta!r}, which is not saved; pass it again "
+                          "(RECMOptimizer(beta_fn=...)) before using the model")
 
     def adopt_settings(self, *, prune_eps: float, prune_z: float, alpha_fn: str, train_all_live: bool,
                        beta_fn: Callable[[Tensor], Tensor], warn: bool) -> None:
@@ -493,9 +493,9 @@ class Modulation(nn.Module):
         now = current if current is not None else {k: getattr(self, k) for k in old}
         differ = [f"{k}={old[k]!r} -> {now[k]!r}" for k in old if old[k] != now[k]]
         if differ:
-            warnings.warn(f"{type(self).__name__}{self.terms}: {old_name} settings are replaced by {new_name} "
+            warn(f"{type(self).__name__}{self.terms}: {old_name} settings are replaced by {new_name} "
                           f"({', '.join(differ)}); build the optimizer with the settings you want in either "
-                          "order of loading and building", stacklevel=4)
+                          "order of loading and building")
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: dict,
                               strict: bool, missing_keys: list[str], unexpected_keys: list[str],
@@ -504,11 +504,11 @@ class Modulation(nn.Module):
         if all(prefix + k not in state_dict for k in ("h", "t", "gamma_t")) and prefix + "w_beta" in state_dict:
             # recm_opt 0.1 kept h, t and gamma_t in the optimizer's state_dict only (torch does not
             # tell this hook whether the load is strict: a strict one fails on the missing keys)
-            warnings.warn(
+            warn(
                 f"{prefix}h, {prefix}t, {prefix}gamma_t are missing: the checkpoint was saved by recm_opt 0.1, "
                 "which kept them in the optimizer's state_dict. Convert it by loading both: "
                 "model.load_state_dict(model_sd, strict=False), then opt.load_state_dict(opt_sd), which moves "
-                "them into the model; save the model again to get the current format", stacklevel=4)
+                "them into the model; save the model again to get the current format")
         if any(k.startswith(prefix) for k in state_dict):
             self.check_fits(state_dict, prefix)
         if prefix + "noise_var" not in state_dict and prefix + "h" in state_dict:

@@ -31,7 +31,6 @@ import contextlib
 import dataclasses
 import inspect
 import math
-import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -60,6 +59,7 @@ from ._layers import (
     to_layer_device,
 )
 from ._validation import check_settings
+from ._warn import warn
 from .groups import Group, SO3Generators
 from .modulation import Modulation, _foreach_project_norm_, _is_dtensor, one_plus_tanh
 from .reps import Representation, Vector
@@ -264,8 +264,8 @@ class RECMOptimizer(Optimizer):
                     g["params"][:] = params
                 raise
         for owner in owners:
-            warnings.warn(f"{owner!r} (id {id(owner):#x}) was driving layers {sorted(owner.layers)} of this model; "
-                          "this RECMOptimizer takes over and detaches it", stacklevel=2)
+            warn(f"{owner!r} (id {id(owner):#x}) was driving layers {sorted(owner.layers)} of this model; "
+                          "this RECMOptimizer takes over and detaches it")
             owner.detach()
         self._layers = [make_layer(f, mod) for f, mod in zip(found, mods)]
         # the batched training coefficients, read by each modulation through its owner
@@ -285,8 +285,7 @@ class RECMOptimizer(Optimizer):
                                     for h in model._load_state_dict_pre_hooks.values()):
             model.register_load_state_dict_pre_hook(_checkpoint.check_model)
         if new_group is None and not self._layers:
-            warnings.warn("RECMOptimizer found no @relaxed layers in the model; it acts as the inner optimizer",
-                          stacklevel=2)
+            warn("RECMOptimizer found no @relaxed layers in the model; it acts as the inner optimizer")
         self._adopt_inner_state()
         if self._layers:  # a model that carries trained modulations: RECM's clock goes on from their t
             self._clock = max(int(layer.mod.t) for layer in self._layers)
@@ -432,9 +431,8 @@ class RECMOptimizer(Optimizer):
         self._skip_run += 1
         self._book.clear()
         if self._skip_run >= _SKIP_WARN and math.log10(self._skip_run).is_integer():
-            warnings.warn(f"{self._skip_run} consecutive steps were skipped because a gradient was NaN/Inf; "
-                          "nothing is training (check the loss, the learning rate or the AMP loss scale)",
-                          stacklevel=3)
+            warn(f"{self._skip_run} consecutive steps were skipped because a gradient was NaN/Inf; "
+                          "nothing is training (check the loss, the learning rate or the AMP loss scale)")
 
     def _inner_step(self, closure: Callable[[], Any] | None = None) -> Any:
         """The inner optimizer's step with its own step hooks, without the process-wide ones.
@@ -518,10 +516,10 @@ class RECMOptimizer(Optimizer):
             self._length_from = weakref.ref(found[0][0])
             self._set_defaults()
             return
-        warnings.warn(
+        warn(
             "RECMOptimizer does not know the run length (pass total_steps=, or attach an LR scheduler that knows "
             f"it, such as OneCycleLR or CosineAnnealingLR); it assumes an open-ended run: a = {self.a:g}, RECM's "
-            f"step size min({self.lr:g}, 0.5 / sqrt(k + 1)) at its k-th step", stacklevel=_user_stacklevel())
+            f"step size min({self.lr:g}, 0.5 / sqrt(k + 1)) at its k-th step")
 
     def _own_step(self) -> None:
         """RECM's own Adam step on the modulation parameters (:mod:`recm_opt.schedule`)."""
@@ -537,11 +535,10 @@ class RECMOptimizer(Optimizer):
         if self._clock == _EPOCH_CHECK and getattr(self, "_length_from", None) is not None:
             sched = self._length_from()
             if sched is not None and sched.last_epoch < _EPOCH_CHECK // 2:
-                warnings.warn(
+                warn(
                     f"the run length {self.total_steps} came from {type(sched).__name__}, which has stepped "
                     f"{sched.last_epoch} times in {_EPOCH_CHECK} optimizer steps (once per epoch?), so it counts "
-                    "epochs; pass RECMOptimizer(total_steps=<optimizer steps of the whole run>)",
-                    stacklevel=_user_stacklevel())
+                    "epochs; pass RECMOptimizer(total_steps=<optimizer steps of the whole run>)")
 
     def _adopt_inner_state(self) -> None:
         """Move any inner-optimizer state of the modulation parameters into RECM's own (older checkpoints)."""
@@ -813,9 +810,9 @@ class RECMOptimizer(Optimizer):
         new = sorted({layer_name(n) or type(m).__name__ for n, m in model.named_modules()
                       if get_relaxation(m) is not None and id(m) not in known})
         if new:
-            warnings.warn(f"layers {new} are @relaxed but were added to the model after this RECMOptimizer was "
+            warn(f"layers {new} are @relaxed but were added to the model after this RECMOptimizer was "
                           "built: they are not modulated (they compute their equivariant part). Build the optimizer "
-                          "once the model is complete", stacklevel=4)
+                          "once the model is complete")
 
     def __getstate__(self) -> dict[str, Any]:
         raise TypeError(f"{type(self).__name__} cannot be copied or pickled: it holds hooks on its model's layers. "
@@ -847,19 +844,6 @@ class RECMOptimizer(Optimizer):
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({type(self.inner).__name__}, layers={len(self._layers)}, group={self.group!r}, "
                 f"total_steps={self.total_steps}, a={self.a:.3g}, lr={self.lr:.3g})")
-
-
-def _user_stacklevel() -> int:
-    """The ``stacklevel`` of a warning raised here that names the user's line, not torch's or ours."""
-    import sys
-    from pathlib import Path
-
-    ours = (str(Path(__file__).parent), str(Path(torch.__file__).parent), str(Path(contextlib.__file__).parent))
-    frame: Any = sys._getframe(1)
-    level = 1
-    while frame is not None and frame.f_code.co_filename.startswith(ours):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 @torch.no_grad()

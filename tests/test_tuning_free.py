@@ -297,3 +297,14 @@ def test_a_scheduler_stepped_per_epoch_is_named() -> None:
             if k % 10 == 9:
                 sched.step()
     assert "total_steps=5" in repr(opt)
+
+
+def test_warnings_point_at_the_users_line() -> None:
+    """A warning raised deep in the step (a layer that did not run) names this file, not torch's or recm_opt's."""
+    model = TinyNet()
+    opt = _wrap(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    x, _ = batch(seed=0)
+    with pytest.warns(UserWarning, match=r"layer 'dec' did not run") as record:
+        model.enc(x).pow(2).mean().backward()
+        opt.step(target=x[:, 0])
+    assert all(w.filename == __file__ for w in record if "did not run" in str(w.message))
