@@ -38,6 +38,19 @@ def check_number(key: str, value: Any, low: float, strict: bool) -> None:
         raise ValueError(f"{key} must be finite, got {value!r}")
 
 
+def check_int(key: str, value: Any, low: int) -> None:
+    """An int ``>= low`` (bools are not ints here).
+
+    Raises:
+        TypeError: if ``value`` is not an int.
+        ValueError: naming ``key`` and the value.
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{key} must be an int >= {low}, got {value!r}")
+    if value < low:
+        raise ValueError(f"{key} must be an int >= {low}, got {value!r}")
+
+
 def check_settings(prune_eps: Any, prune_z: Any, alpha_fn: Any) -> None:
     """The pruning and alpha-map settings, as ``RECMOptimizer`` and a loaded configuration both take them.
 
@@ -48,7 +61,9 @@ def check_settings(prune_eps: Any, prune_z: Any, alpha_fn: Any) -> None:
     check_number("prune_z", prune_z, 0, False)
     if alpha_fn not in ALPHA_FNS:
         raise ValueError(f"alpha_fn must be one of {ALPHA_FNS}, got {alpha_fn!r}")
-    if isinstance(prune_eps, bool) or not isinstance(prune_eps, (int, float)) or not 0 <= prune_eps < 1:
+    if isinstance(prune_eps, bool) or not isinstance(prune_eps, (int, float)):
+        raise TypeError(f"prune_eps must be a number in [0, 1), got {prune_eps!r}")
+    if not 0 <= prune_eps < 1:
         raise ValueError(f"prune_eps must be in [0, 1), got {prune_eps!r}")
 
 

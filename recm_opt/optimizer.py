@@ -58,7 +58,7 @@ from ._layers import (
     recm_group,
     to_layer_device,
 )
-from ._validation import check_settings
+from ._validation import check_int, check_number, check_settings
 from ._warn import warn
 from .groups import Group, SO3Generators
 from .modulation import Modulation, _foreach_project_norm_, _is_dtensor, one_plus_tanh
@@ -212,9 +212,8 @@ class RECMOptimizer(Optimizer):
             raise TypeError(f"RECMOptimizer got unexpected keyword arguments {unknown}; its settings are "
                             f"{sorted(fields)} (see RECMConfig)")
         cfg = dataclasses.replace(config or RECMConfig(), **settings)
-        if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
-                                        or total_steps < 1):
-            raise ValueError(f"total_steps must be an int >= 1 or None, got {total_steps!r}")
+        if total_steps is not None:
+            check_int("total_steps", total_steps, 1)
         _validate(**{f: getattr(cfg, f) for f in fields if f not in ("skip_pruned", "skip_nonfinite", "foreach")})
         b, state_dim, hidden, max_units = cfg.b, cfg.state_dim, cfg.hidden, cfg.max_units
         prune_eps, prune_z, alpha_fn, weight_radius = cfg.prune_eps, cfg.prune_z, cfg.alpha_fn, cfg.weight_radius
@@ -874,28 +873,18 @@ def _needs_closure(inner: Optimizer) -> bool:
 
 
 def _validate(**kw: Any) -> None:
-    def finite(key: str, low: float, strict: bool) -> None:
-        v = kw[key]
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise TypeError(f"{key} must be a number, got {v!r}")
-        if not (v > low if strict else v >= low):
-            raise ValueError(f"{key} must be {'>' if strict else '>='} {low}, got {v!r}")
-        if not math.isfinite(v):
-            raise ValueError(f"{key} must be finite, got {v!r}")
-
+    """The settings: a wrong type is a TypeError, a value out of range a ValueError, each naming the setting."""
     if kw["a"] is not None:
-        finite("a", 0, True)
-    finite("b", 0, True)
+        check_number("a", kw["a"], 0, True)
+    check_number("b", kw["b"], 0, True)
     check_settings(kw["prune_eps"], kw["prune_z"], kw["alpha_fn"])  # as a loaded configuration is checked
-    finite("weight_radius", 0, True)
-    finite("weight_decay", 0, False)
+    check_number("weight_radius", kw["weight_radius"], 0, True)
+    check_number("weight_decay", kw["weight_decay"], 0, False)
     if kw["lr"] is not None:
-        finite("lr", 0, False)
+        check_number("lr", kw["lr"], 0, False)
     for key in ("state_dim", "hidden", "max_units"):
-        if isinstance(kw[key], bool) or not isinstance(kw[key], int) or kw[key] < 1:
-            raise ValueError(f"{key} must be an int >= 1, got {kw[key]!r}")
-    if isinstance(kw["seed"], bool) or not isinstance(kw["seed"], int) or kw["seed"] < 0:
-        raise ValueError(f"seed must be an int >= 0, got {kw['seed']!r}")
+        check_int(key, kw[key], 1)
+    check_int("seed", kw["seed"], 0)
     if not callable(kw["beta_fn"]):
         raise TypeError(f"beta_fn must be callable, got {kw['beta_fn']!r}")
     k0 = kw["beta_fn"](torch.zeros(()))

@@ -438,7 +438,6 @@ def test_permuted_axis_that_does_not_match_the_group_is_named() -> None:
         ({"b": 0.0}, r"b must be > 0, got 0.0"),
         ({"b": -2.0}, r"b must be > 0, got -2.0"),
         ({"state_dim": 0}, r"state_dim must be an int >= 1, got 0"),
-        ({"state_dim": 2.5}, r"state_dim must be an int >= 1, got 2.5"),
         ({"prune_eps": 1.0}, r"prune_eps must be in \[0, 1\), got 1.0"),
         ({"prune_eps": -0.01}, r"prune_eps must be in \[0, 1\), got -0.01"),
     ],

@@ -424,7 +424,6 @@ def test_failed_construction_leaves_the_model_exactly_as_it_was(failure: str) ->
     ({"weight_decay": float("inf")}, r"weight_decay must be finite, got inf"),
     ({"weight_radius": float("inf")}, r"weight_radius must be finite, got inf"),
     ({"hidden": 0}, r"hidden must be an int >= 1, got 0"),
-    ({"max_units": True}, r"max_units must be an int >= 1, got True"),
     ({"seed": -1}, r"seed must be an int >= 0, got -1"),
     ({"prune_eps": float("nan")}, r"prune_eps must be in \[0, 1\), got nan"),
     ({"prune_z": -1.0}, r"prune_z must be >= 0, got -1.0"),
@@ -446,3 +445,20 @@ def test_model_state_dict_holds_only_tensors() -> None:
     sd = model.state_dict()
     assert "enc.recm_modulation._extra_state" in sd
     assert all(isinstance(v, Tensor) for v in sd.values())
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"state_dim": 2.5}, r"state_dim must be an int >= 1, got 2.5"),
+    ({"max_units": True}, r"max_units must be an int >= 1, got True"),
+    ({"a": "1e-3"}, r"a must be a number, got '1e-3'"),
+    ({"prune_eps": None}, r"prune_eps must be a number in \[0, 1\), got None"),
+    ({"total_steps": 300.0}, r"total_steps must be an int >= 1, got 300.0"),
+    ({"foreach": "yes"}, r"foreach must be True, False or None, got 'yes'"),
+])
+def test_a_setting_of_the_wrong_type_is_a_type_error(kwargs: dict[str, Any], message: str) -> None:
+    """A wrong type is a TypeError, a wrong value a ValueError; each names the setting and the value."""
+    model = TinyNet()
+    with pytest.raises(TypeError, match=message):
+        RECMOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, target=recm.Vector("b xyz"),
+                      example=example(model), **kwargs)
+    assert not hasattr(model.enc, "recm_modulation")
