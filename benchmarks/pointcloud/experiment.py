@@ -22,7 +22,7 @@ Methods, with the same data, budget, seeds and inner optimizer (Adam, lr 1e-3):
 - ``rpp:<w>`` (``rpp:<w>:dec``): ``recm.ResidualPathwayPrior`` with residual prior ``w``,
   equivariant prior 1e-3, prior in the gradient (decoupled proximal step), every map relaxed;
 - ``recm``: ``recm.RECMOptimizer`` at its defaults, told the run length (``a`` and its own step
-  size derived from it; |C_G| = 2); ``recm:<a>`` sets ``a``.
+  size derived from it; |C_G| = 2); ``recm:<a>`` sets ``a``, ``recm:<a>:<lr>`` also RECM's peak step size.
 
 Usage::
 
@@ -97,9 +97,11 @@ def parse_method(method: str) -> dict[str, Any]:
         return {"kind": parts[0]}
     if parts[0] == "recm" and len(parts) == 2:
         return {"kind": "recm", "a": float(parts[1])}
+    if parts[0] == "recm" and len(parts) == 3:  # recm:<a>:<RECM's peak step size>
+        return {"kind": "recm", "a": float(parts[1]), "lr": float(parts[2])}
     if parts[0] == "rpp" and len(parts) in (2, 3) and (len(parts) == 2 or parts[2] == "dec"):
         return {"kind": "rpp", "residual_prior": float(parts[1]), "decoupled": len(parts) == 3}
-    raise ValueError(f"method must be vn, es, recm, recm:<a>, rpp:<w> or rpp:<w>:dec, got {method!r}")
+    raise ValueError(f"method must be vn, es, recm, recm:<a>, recm:<a>:<lr>, rpp:<w> or rpp:<w>:dec, got {method!r}")
 
 
 def build(method: str, channels: tuple[int, ...], total_steps: int, lr: float,
@@ -118,7 +120,7 @@ def build(method: str, channels: tuple[int, ...], total_steps: int, lr: float,
         return model, recm.ResidualPathwayPrior(inner, model, residual_prior=spec["residual_prior"],
                                                 decoupled=spec["decoupled"])
     example = torch.randn(1, 64, 3, generator=torch.Generator().manual_seed(0))  # sizes r_theta, no global RNG
-    settings = {"a": spec["a"]} if "a" in spec else {}  # else: derived from the run length
+    settings = {k: spec[k] for k in ("a", "lr") if k in spec}  # the others derive from the run length
     return model, recm.RECMOptimizer(inner, model, group=group or recm.SO3Generators(), target=recm.Invariant("b"),
                                      example=example, total_steps=total_steps, **settings)
 
