@@ -37,6 +37,7 @@ import torch
 from benchmarks.lr_robustness.run import GELU_MIN, ROOT, _test_mse, _vector_model, build_vector_net
 from benchmarks.progress import announce, expected, progress, write
 from benchmarks.stats import t_interval
+from benchmarks.tuning_free.tasks import fit
 
 
 def run_one(task: str, alpha_fn: str, opt_name: str, lr: float, seed: int, steps: int,
@@ -47,11 +48,7 @@ def run_one(task: str, alpha_fn: str, opt_name: str, lr: float, seed: int, steps
     x, y = vm.make_task(steps * batch, 0.0 if task == "symmetric" else 1.0, seed=seed + 1)
     xt, yt = vm.make_task(4096, 0.0 if task == "symmetric" else 1.0, seed=10_000 + seed)
     start = time.perf_counter()
-    for step in range(steps):
-        xb, yb = x[step * batch:(step + 1) * batch], y[step * batch:(step + 1) * batch]
-        (model(xb) - yb).pow(2).mean().backward()
-        opt.step(target=yb)
-        opt.zero_grad()
+    fit(model, opt, x, y, steps, batch)
     mods = [(n, m.recm_modulation) for n, m in model.named_modules() if hasattr(m, "recm_modulation")]
     out: dict[str, Any] = {"task": task, "alpha_fn": alpha_fn, "opt": opt_name, "lr": lr, "seed": seed,
                            "steps": steps, "wall_s": time.perf_counter() - start, "rules": {}}

@@ -36,7 +36,8 @@ from typing import Any
 
 import torch
 
-from benchmarks.tuning_free.tasks import ROOT, TASKS, build
+from benchmarks import stats
+from benchmarks.tuning_free.tasks import ROOT, TASKS, build, fit
 
 A_GRID = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5)
 LR_GRID = (1e-3, 1e-2, 3e-2)
@@ -51,11 +52,7 @@ def run_one(task: str, inner: str, arm: str, seed: int, steps: int, batch: int =
     x, y = sample(steps * batch, seed + 1)
     xt, yt = sample(4096, 10_000 + seed)
     start = time.perf_counter()
-    for step in range(steps):
-        xb, yb = x[step * batch:(step + 1) * batch], y[step * batch:(step + 1) * batch]
-        (model(xb) - yb).pow(2).mean().backward()
-        opt.step(target=yb)
-        opt.zero_grad()
+    fit(model, opt, x, y, steps, batch)
     wall = time.perf_counter() - start
     model.eval()
     with torch.no_grad():
@@ -81,15 +78,9 @@ def _job(args: tuple) -> dict[str, Any]:
 
 
 def t_interval(xs: list[float]) -> dict[str, float]:
-    """Mean and 95 % t-interval of ``xs`` (the interval is the mean itself for one value)."""
-    from scipy import stats
-
-    mean = sum(xs) / len(xs)
-    if len(xs) < 2:
-        return {"mean": mean, "low": mean, "high": mean, "n": len(xs)}
-    sd = math.sqrt(sum((v - mean) ** 2 for v in xs) / (len(xs) - 1))
-    half = float(stats.t.ppf(0.975, len(xs) - 1)) * sd / math.sqrt(len(xs))
-    return {"mean": mean, "low": mean - half, "high": mean + half, "n": len(xs)}
+    """Mean and 95 % t-interval of ``xs`` as a JSON-ready dict (:func:`benchmarks.stats.t_interval`)."""
+    iv = stats.t_interval(xs)
+    return {"mean": iv.mean, "low": iv.lo, "high": iv.hi, "n": len(xs)}
 
 
 def _cell(a: float, lr: float) -> str:

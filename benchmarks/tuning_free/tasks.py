@@ -81,6 +81,15 @@ def make_set_task(n: int, broken: float, seed: int = 0) -> tuple[Tensor, Tensor]
     return x, y
 
 
+def fit(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, steps: int, batch: int) -> None:
+    """``steps`` MSE steps on consecutive batches of ``(x, y)``, each paired with its target."""
+    for step in range(steps):
+        xb, yb = x[step * batch:(step + 1) * batch], y[step * batch:(step + 1) * batch]
+        (model(xb) - yb).pow(2).mean().backward()
+        opt.step(target=yb)
+        opt.zero_grad()
+
+
 TASKS = {
     "vector-symmetric": ("vector", 0.0),
     "vector-broken": ("vector", 1.0),
