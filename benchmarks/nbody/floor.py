@@ -1,12 +1,19 @@
-"""The equivariance floor of an N-body data variant: the error no rotation-equivariant model can beat.
+"""The rotation spread of an N-body data variant's targets: an error floor for isotropic inputs only.
 
 For a state s (frame 30) and Haar-random rotations R_1..R_K, re-simulate the
 rotated states and rotate the results back: ``y_k = R_k^T F(R_k s)``. If the
 dynamics F commute with rotations every y_k equals F(s). Otherwise an exactly
-equivariant predictor f must output ``R^T f(R s) = f(s)`` for every R, so for
-inputs drawn isotropically its expected squared error is at least the
-rotation-variance of y, estimated without bias by the sample variance over k.
-The floor is reported in the task's units (MSE per coordinate).
+equivariant predictor f must output ``R^T f(R s) = f(s)`` for every R, so over the
+orbit of s (every orientation equally likely) its expected squared error is at
+least the rotation-variance of y, estimated without bias by the sample variance
+over k. The spread is reported in the task's units (MSE per coordinate).
+
+It is a floor only for inputs drawn isotropically. When the symmetry breaking has
+already acted on the inputs (a field along z pushes every charge for 30 frames
+before the input frame), their orientation carries the breaking direction and an
+equivariant model can do better: EGNN beats the spread at field 1
+(docs/results/nbody_study.md). The function keeps its historical name,
+``equivariance_floor``, and its JSON key ``floor_mse``.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from recm_opt.groups import _haar_rotations
 
 def equivariance_floor(n_sims: int = 500, n_rot: int = 8, clip: str = "component", field: float = 0.0,
                        seed: int = 0, changed_tol: float = 1e-6) -> dict[str, Any]:
-    """Measures the floor of one variant on ``n_sims`` test states.
+    """Measures the rotation spread of one variant's targets on ``n_sims`` test states.
 
     Args:
         n_sims: Test trajectories used (the first of the test split).
