@@ -1,1 +1,1 @@
-"""The symmetry-gap sweep: RECM's alpha against a certified bound on the data's symmetry gap."""
+"""The symmetry-gap sweep: RECM's alpha against an estimated bound on the data's symmetry gap."""
