@@ -75,7 +75,7 @@ def train(eps: float, steps: int, batch: int, seed: int) -> tuple[VectorNet, rec
     torch.manual_seed(seed)
     model = VectorNet()
     opt = recm.RECMOptimizer(torch.optim.Adam(model.parameters(), lr=1e-3), model, target=recm.Vector("b xyz"),
-                             example=torch.zeros(1, 4, 3))
+                             example=torch.zeros(1, 4, 3), total_steps=steps)
     x, y = make_task(steps * batch, eps, seed=seed + 1)
     for step in range(steps):
         xb, yb = x[step * batch : (step + 1) * batch], y[step * batch : (step + 1) * batch]
