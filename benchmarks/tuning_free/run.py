@@ -244,7 +244,8 @@ def _frac_index(v: float, grid: tuple | list, log: bool = True) -> float:
 
 def _commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        return out or "unknown (not a git checkout)"
     except OSError:
         return "unknown"
 
