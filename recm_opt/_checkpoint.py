@@ -120,8 +120,8 @@ def match(layers: list[_Layer], entries: dict[Any, dict[str, Any]], saved_ids: l
     names = {layer.name for layer in layers}
     unknown = sorted(set(named) - names)
     if unknown:
-        raise ValueError(f"the checkpoint has RECM state (recm_layer) for layers {unknown}, which this optimizer does not "
-                         f"modulate (its layers: {sorted(names)})")
+        raise ValueError(f"the checkpoint has RECM state (recm_layer) for layers {unknown}, which this optimizer does "
+                         f"not modulate (its layers: {sorted(names)})")
     out = {}
     for layer in layers:
         if layer.name in named:

@@ -149,6 +149,10 @@ def check_shapes(state_dict: Mapping[str, Any], prefix: str, expected: Mapping[s
                              f"checkpoint holds {value.dtype} of shape {tuple(value.shape)}")
 
 
+#: How far ``||h||^2`` may exceed ``t * noise_var`` (its Cauchy-Schwarz bound) before a checkpoint is refused.
+H_HISTORY_SLACK = 2.0
+
+
 def check_state(state_dict: Mapping[str, Any], prefix: str, state_dim: int | None = None) -> None:
     """Check a checkpoint's RECM state under ``prefix`` before anything is loaded.
 
@@ -174,3 +178,13 @@ def check_state(state_dict: Mapping[str, Any], prefix: str, state_dim: int | Non
     v = state_dict.get(prefix + "noise_var")
     if isinstance(v, Tensor) and (v.numel() != 1 or not v.is_floating_point() or not float(v) >= 0):
         raise ValueError(f"{prefix}noise_var must be one float >= 0, got {v.dtype} {v.tolist()}")
+    # h = sum_k w_k l_k over the t commits and noise_var = sum_k w_k^2 ||l_k||^2, so by Cauchy-Schwarz
+    # ||h||^2 <= t noise_var (equality for a constant l); twice that leaves room for rounding.
+    if all(isinstance(x, Tensor) for x in (h, t, v)) and float(v) > 0 and math.isfinite(float(v)):
+        bound = H_HISTORY_SLACK * int(t) * float(v)
+        h_sq = float(h.double().pow(2).sum())
+        if h_sq > bound:
+            raise ValueError(f"{prefix}h is larger than its own history allows: ||h||^2 = {h_sq:.3g} > "
+                             f"{H_HISTORY_SLACK:g} t noise_var = {bound:.3g} (h is a weighted sum of t captures whose "
+                             "squared weights and norms give noise_var). The checkpoint was edited, or noise_var "
+                             f"started mid-run; to load it anyway, set {prefix}noise_var to 0")

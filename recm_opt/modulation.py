@@ -707,8 +707,9 @@ def _stacked_alpha(mods: Sequence[Modulation], h: Tensor | None = None) -> Tenso
 
 #: A capture's ``||l||^2`` is capped at this many times the mean ``||l||^2`` of the captures before it.
 OUTLIER_CAP = 100.0
-#: Commits before the cap applies (the mean of the captures so far is its reference).
-OUTLIER_AFTER = 1
+#: Commits before the cap applies: the mean of the captures so far is its reference, and a mean of fewer
+#: captures is too noisy (one small first capture would cap ordinary ones after it).
+OUTLIER_AFTER = 10
 
 
 def outlier_scale(q: Tensor, t: Tensor, gamma_t: Tensor, noise_var: Tensor) -> Tensor:
@@ -724,7 +725,7 @@ def outlier_scale(q: Tensor, t: Tensor, gamma_t: Tensor, noise_var: Tensor) -> T
     Batched over leading dimensions; computed in float64.
 
     Example:
-        >>> outlier_scale(torch.tensor(400.0), torch.tensor(4), torch.tensor(0.2), torch.tensor(0.16))
+        >>> outlier_scale(torch.tensor(400.0), torch.tensor(10), torch.tensor(0.1), torch.tensor(0.1))
         tensor(0.5000, dtype=torch.float64)
     """
     q, g, v = q.double(), gamma_t.double(), noise_var.double()

@@ -17,8 +17,8 @@ from torch.optim import lr_scheduler
 from torch.optim.swa_utils import SWALR
 
 import recm_opt as recm
-from recm_opt.schedule import modulation_lr
 from recm_opt.optimizer import RECMOptimizer
+from recm_opt.schedule import modulation_lr
 
 
 def wrap(model: nn.Module, inner: torch.optim.Optimizer, **kw: object) -> RECMOptimizer:

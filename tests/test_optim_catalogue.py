@@ -75,7 +75,7 @@ def _steps(model: nn.Module, opt: recm.RECMOptimizer, sched: Any, steps: range, 
         x = torch.randn(16, 4, 3, generator=g)
         y = x.sum(1) + torch.tensor([0.5, 0.0, 0.0])
 
-        def loss_fn() -> Tensor:
+        def loss_fn(x: Tensor = x, y: Tensor = y) -> Tensor:
             opt.zero_grad()
             loss = (model(x) - y).pow(2).mean()
             loss.backward()
@@ -100,7 +100,7 @@ def _tensors(model: nn.Module, opt: recm.RECMOptimizer) -> list[Tensor]:
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize(("info", "opt_input"), CASES or [pytest.param(None, None, id="none")])
 def test_catalogue_optimizer_resumes_bit_exactly_under_recm(info: Any, opt_input: Any) -> None:
-    """3 steps, weights_only checkpoint, fresh pair, 2 more steps == 5 uninterrupted steps; StepLR drives every group."""
+    """3 steps, weights_only checkpoint, fresh pair, 2 more steps == 5 uninterrupted ones; StepLR drives each group."""
     if info.only_supports_sparse_grads:
         pytest.skip("needs sparse gradients")
     closure = info.step_requires_closure

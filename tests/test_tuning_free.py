@@ -308,3 +308,20 @@ def test_warnings_point_at_the_users_line() -> None:
         model.enc(x).pow(2).mean().backward()
         opt.step(target=x[:, 0])
     assert all(w.filename == __file__ for w in record if "did not run" in str(w.message))
+
+
+def test_a_checkpoint_whose_h_exceeds_its_history_is_refused() -> None:
+    """||h||^2 <= t noise_var (Cauchy-Schwarz) holds after training on broken data; an h edited to 1e30 is refused."""
+    model = TinyNet()
+    opt = _wrap(model, torch.optim.SGD(model.parameters(), lr=0.05))
+    _train(model, opt, 30)
+    for mod in (model.enc.recm_modulation, model.dec.recm_modulation):
+        assert float(mod.h.double().pow(2).sum()) <= int(mod.t) * float(mod.noise_var) * (1 + 1e-5)
+    sd = model.state_dict()
+    TinyNet(seed=1).load_state_dict(sd)  # loads back
+    bad = dict(sd)
+    bad["dec.recm_modulation.h"] = torch.full_like(sd["dec.recm_modulation.h"], 1e30)
+    fresh = TinyNet(seed=1)
+    with pytest.raises(ValueError, match=r"dec\.recm_modulation\.h is larger than its own history allows"):
+        fresh.load_state_dict(bad)
+    assert not hasattr(fresh.dec, "recm_modulation")
