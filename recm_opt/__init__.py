@@ -20,7 +20,7 @@ from .groups import (
     SO2Generators,
     SO3Generators,
 )
-from .optimizer import RECMOptimizer
+from .optimizer import RECMConfig, RECMOptimizer
 from .policies import EquivarianceSchedule, ResidualPathwayPrior
 from .reps import Custom, Invariant, Irreps, Permutation, Representation, Vector  # noqa: F401
 from .tagging import get_relaxation, is_relaxed, relaxed
@@ -39,6 +39,7 @@ __all__ = [
     "Permutation",
     "PermutationGenerators",
     "ProductGenerators",
+    "RECMConfig",
     "RECMOptimizer",
     "ResidualPathwayPrior",
     "SO2Generators",
