@@ -148,8 +148,8 @@ class ModulationStep:
     Step counts are host integers, so a step reads nothing back from the device; parameters
     with the same count and dtype are updated together by ``torch._foreach_*`` ops (a handful
     of kernels per step, whatever the number of layers). The moments live here, keyed by
-    parameter; :meth:`entry` and :meth:`load_entry` move one layer's moments in and out of a
-    checkpoint as flat tensors of fixed shape.
+    parameter; :meth:`entry` and :meth:`load_entry` move one parameter's moments and step count
+    in and out of its checkpoint entry (tensors of fixed shape, zeros before its first step).
     """
 
     def __init__(self) -> None:
