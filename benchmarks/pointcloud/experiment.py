@@ -104,16 +104,23 @@ def parse_method(method: str) -> dict[str, Any]:
     raise ValueError(f"method must be vn, es, recm, recm:<a>, recm:<a>:<lr>, rpp:<w> or rpp:<w>:dec, got {method!r}")
 
 
+def _inner(params: Any, lr: float, inner: str) -> torch.optim.Optimizer:
+    """The optimizer of the model's weights: Adam (the paper's), or SGD with momentum 0.9."""
+    if inner == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+    return torch.optim.Adam(params, lr=lr)
+
+
 def build(method: str, channels: tuple[int, ...], total_steps: int, lr: float,
-          group: recm.Group | None = None) -> tuple[nn.Module, torch.optim.Optimizer]:
+          group: recm.Group | None = None, inner_name: str = "adam") -> tuple[nn.Module, torch.optim.Optimizer]:
     """The model and optimizer of one method (the caller seeds torch first)."""
     spec = parse_method(method)
     n_classes = len(CLASS_NAMES)
     if spec["kind"] == "vn":
         model = vn_pointnet(n_classes, channels)
-        return model, torch.optim.Adam(model.parameters(), lr=lr)
+        return model, _inner(model.parameters(), lr, inner_name)
     model = relaxed_vn_pointnet(n_classes, channels, method=spec["kind"])
-    inner = torch.optim.Adam(model.parameters(), lr=lr)
+    inner = _inner(model.parameters(), lr, inner_name)
     if spec["kind"] == "es":
         return model, recm.EquivarianceSchedule(inner, model, total_steps=total_steps)
     if spec["kind"] == "rpp":
@@ -201,7 +208,7 @@ def run_one(method: str, variant: str, seed: int, train_data: Data, test_data: D
     """Train and evaluate one (method, dataset, seed)."""
     steps_per_epoch = math.ceil(len(train_data[0]) / cfg.batch_size)
     torch.manual_seed(seed)
-    model, opt = build(method, cfg.channels, cfg.epochs * steps_per_epoch, cfg.lr, group)
+    model, opt = build(method, cfg.channels, cfg.epochs * steps_per_epoch, cfg.lr, group, getattr(cfg, "inner", "adam"))
     t0 = time.perf_counter()
     steps, history, losses = train(model, opt, train_data, variant, cfg.epochs, cfg.batch_size, seed, cfg.log_every)
     seconds = time.perf_counter() - t0
@@ -352,6 +359,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--channels", type=int, nargs="+", default=None)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--inner", choices=["adam", "sgd"], default="adam",
+                   help="the optimizer of the model's weights (SGD: momentum 0.9, at --lr)")
     p.add_argument("--log-every", type=int, default=None, help="alpha logging period in steps")
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None)
