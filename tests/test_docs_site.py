@@ -121,6 +121,8 @@ def test_every_public_class_has_its_methods_documented(api_html):
         for meth, value in vars(obj).items():
             if meth in fields:  # a dataclass field whose default is a function (RECMConfig.beta_fn), not a method
                 continue
+            if getattr(value, "hooked", False):  # torch's Optimizer re-wraps a subclass's inherited step per class
+                continue
             if not meth.startswith("_") and inspect.isfunction(value) and f"recm_opt.{name}.{meth}" not in anchors:
                 missing.append(f"{name}.{meth}")
     assert not missing, f"public methods without an API entry (give them a docstring): {missing}"
