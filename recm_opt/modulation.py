@@ -612,6 +612,15 @@ class Modulation(nn.Module):
         beta = self.beta_fn(self.w_beta @ h)
         return alpha, beta
 
+    def cancelling_parameters(self) -> list[Tensor]:
+        """Parameters whose exact gradient is 0: ``r_theta``'s output bias cancels in ``l_theta``.
+
+        ``l_theta = r_theta(z) - mean_g r_theta(g z)`` subtracts the bias from itself, so RECM's own
+        update does not step it (a scale-free step would turn the rounding noise of its computed
+        gradient into motion).
+        """
+        return [self.r_theta[2].bias] if isinstance(getattr(self, "r_theta", None), nn.Sequential) else []
+
     def lipschitz_bound(self) -> float:
         """Return B, a certified Lipschitz constant of ``r_theta``: ``||W2|| * Lip(GELU) * ||W1||`` (spectral norms)."""
         w1, w2 = cast(Tensor, self.r_theta[0].weight), cast(Tensor, self.r_theta[2].weight)

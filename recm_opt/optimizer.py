@@ -372,7 +372,8 @@ class RECMOptimizer(Optimizer):
             self.observe(target)
         self._book.check()
         captured = self._book.take()
-        finite, nonzero = self._grad_flags() if self.skip_nonfinite or self._own_params() else (True, True)
+        own = self._own_params()  # once per step: the forward hooks and the h update do not need it
+        finite, nonzero = self._grad_flags() if self.skip_nonfinite or own else (True, True)
         if self.skip_nonfinite and not finite:
             self._samples(captured, check=True)  # counts the NaN/Inf samples behind the NaN gradient
             self._skip()
@@ -382,7 +383,7 @@ class RECMOptimizer(Optimizer):
         with self._without_own_groups():
             self._inner_step()
         if nonzero:  # a step whose every gradient is zero (distributed checkpointing's probe) moves nothing
-            self._own_step()
+            self._own_step(own)
         self._project()
         self._update_states(self._samples(captured))  # a NaN/Inf sample is counted and left out
         return loss
@@ -420,7 +421,7 @@ class RECMOptimizer(Optimizer):
         for p, g in zip(own, first):
             p.grad = g
         sync_grads(self._layers)
-        self._own_step()
+        self._own_step(own)
         self._project()
         self._update_states(self._samples(captured))
         return loss
@@ -485,14 +486,8 @@ class RECMOptimizer(Optimizer):
         return {p for g in self.param_groups if g.get("recm") for p in g["params"]}
 
     def _own_params(self) -> list[Tensor]:
-        """The parameters RECM steps: its group's, less ``r_theta``'s output bias.
-
-        That bias cancels in ``l_theta = r_theta(z) - mean_g r_theta(g z)``: its exact gradient
-        is zero, and a scale-free step would turn the rounding noise of its computed gradient
-        into motion.
-        """
-        cancel = {id(layer.mod.r_theta[2].bias) for layer in self._layers
-                  if isinstance(getattr(layer.mod, "r_theta", None), nn.Sequential)}
+        """The parameters RECM steps: its group's, less each modulation's ``cancelling_parameters``."""
+        cancel = {id(p) for layer in self._layers for p in layer.mod.cancelling_parameters()}
         return [p for g in self.param_groups if g.get("recm") for p in g["params"] if id(p) not in cancel]
 
     def _set_defaults(self) -> None:
@@ -520,9 +515,8 @@ class RECMOptimizer(Optimizer):
             f"it, such as OneCycleLR or CosineAnnealingLR); it assumes an open-ended run: a = {self.a:g}, RECM's "
             f"step size min({self.lr:g}, 0.5 / sqrt(k + 1)) at its k-th step")
 
-    def _own_step(self) -> None:
-        """RECM's own Adam step on the modulation parameters (:mod:`recm_opt.schedule`)."""
-        params = self._own_params()
+    def _own_step(self, params: list[Tensor]) -> None:
+        """RECM's own Adam step on ``params``, the modulation parameters (:mod:`recm_opt.schedule`)."""
         if not params:
             return
         lr = modulation_lr(self._clock, self.lr, self.total_steps)

@@ -18,14 +18,11 @@ from __future__ import annotations
 
 import datetime
 import os
-import time
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from tiny import TinyNet, example
+from tiny import TinyNet, example, spawn_ranks
 from torch import Tensor, nn
 
 import recm_opt as recm
@@ -134,15 +131,7 @@ WATCHDOG_S = 300
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     pytest.importorskip("torch.distributed.fsdp", reason="needs torch.distributed (FSDP2)")
-    out = tmp_path_factory.mktemp("fsdp2")
-    context = mp.spawn(_worker, args=(str(out / "init"), str(out)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + WATCHDOG_S
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the {WORLD} FSDP2 workers did not finish within {WATCHDOG_S} s")
-    return [torch.load(Path(out) / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    return spawn_ranks(_worker, WORLD, tmp_path_factory.mktemp("fsdp2"), "FSDP2", WATCHDOG_S)
 
 
 @pytest.mark.slow

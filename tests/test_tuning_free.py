@@ -325,3 +325,16 @@ def test_a_checkpoint_whose_h_exceeds_its_history_is_refused() -> None:
     with pytest.raises(ValueError, match=r"dec\.recm_modulation\.h is larger than its own history allows"):
         fresh.load_state_dict(bad)
     assert not hasattr(fresh.dec, "recm_modulation")
+
+
+def test_the_cancelling_output_bias_never_moves() -> None:
+    """r_theta's output bias cancels in l_theta: RECM never steps it, however long it trains (no drift)."""
+    model = TinyNet()
+    opt = _wrap(model, torch.optim.AdamW(model.parameters(), lr=1e-2))
+    before = [m.recm_modulation.r_theta[2].bias.detach().clone() for m in (model.enc, model.dec)]
+    start = _recm_params(model)
+    _train(model, opt, 8)
+    for m, b in zip((model.enc, model.dec), before):
+        assert m.recm_modulation.cancelling_parameters() == [m.recm_modulation.r_theta[2].bias]
+        assert torch.equal(m.recm_modulation.r_theta[2].bias, b)
+    assert any(not torch.equal(p, q) for p, q in zip(_recm_params(model), start))  # the others did move

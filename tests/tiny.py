@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -62,3 +64,24 @@ def example(model: nn.Module, n: int = 1) -> Tensor:
     """
     first = next(m for m in model.modules() if recm.is_relaxed(m))
     return torch.zeros(n, first.weight.shape[1], 3, dtype=first.weight.dtype, device=first.weight.device)
+
+
+def spawn_ranks(worker: Callable[..., None], world: int, out: Path, what: str, watchdog_s: float = 300) -> list[dict]:
+    """Run ``worker(rank, init_file, out)`` on ``world`` spawned processes; return each rank's saved ``rank{r}.pt``.
+
+    A watchdog kills the workers and fails the test after ``watchdog_s``: a worker stuck anywhere would
+    otherwise hang the whole suite. ``join()`` re-raises a worker's error.
+    """
+    import time
+
+    import pytest
+    import torch.multiprocessing as mp
+
+    context = mp.spawn(worker, args=(str(out / "init"), str(out)), nprocs=world, join=False)
+    deadline = time.monotonic() + watchdog_s
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the {world} {what} workers did not finish within {watchdog_s} s")
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world)]
